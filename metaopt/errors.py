@@ -1,0 +1,13 @@
+"""Errors a user can act on. The entry point prints them as one line, without a traceback."""
+
+
+class MetaoptError(Exception):
+    """Base class for errors caused by input (config values, missing data), not by bugs."""
+
+
+class ConfigError(MetaoptError, ValueError):
+    """An invalid config value. The message starts with the config key, e.g. ``optimizer.lr: ...``."""
+
+
+class DataNotFoundError(MetaoptError, FileNotFoundError):
+    """A dataset is absent and cannot be downloaded; the message names the directory and a remedy."""

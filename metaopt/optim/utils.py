@@ -1,0 +1,35 @@
+"""Helpers that inspect any ``torch.optim.Optimizer``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+
+def _tensor_bytes(obj: Any, seen: set[int]) -> int:
+    if isinstance(obj, torch.Tensor):
+        key = obj.untyped_storage().data_ptr() if obj.numel() else id(obj)
+        if key in seen:
+            return 0
+        seen.add(key)
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, Iterable) and not isinstance(obj, (str, bytes)):
+        return sum(_tensor_bytes(v, seen) for v in obj)
+    return 0
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of tensors held in the optimizer's state (not the parameters themselves).
+
+    Optimizers that keep tensors outside ``optimizer.state`` (a preconditioner network, a
+    meta-optimizer) report them through an ``extra_state_bytes()`` method, which is added.
+    """
+    total = _tensor_bytes(list(optimizer.state.values()), set())
+    extra = getattr(optimizer, "extra_state_bytes", None)
+    if callable(extra):
+        total += int(extra())
+    return total

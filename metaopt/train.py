@@ -1,0 +1,342 @@
+"""The training loop: ``train(cfg) -> float``, the value a sweeper minimises.
+
+One run = one task, one optimizer, one seed. Everything a run produces lands in its run directory
+as plain files (see :mod:`metaopt.runfiles`); re-running in the same directory resumes from the
+checkpoint and reproduces the metrics an uninterrupted run would have written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from metaopt.config import resolve_device, validate
+from metaopt.errors import ConfigError, MetaoptError
+from metaopt.loggers import Logger, NullLogger, SafeLogger
+from metaopt.nn_utils import frozen_running_stats
+from metaopt.optim import optimizer_state_bytes, requires_closure
+from metaopt.progress import Progress
+from metaopt.runfiles import RunFiles, rng_state, seed_everything, set_rng_state
+from metaopt.tasks.base import Task
+
+log = logging.getLogger("metaopt")
+
+# Config sections that determine a run's trajectory: a checkpoint is only resumed by the same ones.
+_FINGERPRINT_KEYS = ("seed", "task", "optimizer", "scheduler", "meta")
+
+
+@dataclass
+class Passes:
+    """Forward and backward passes over training minibatches (line searches pay extra forwards)."""
+
+    forward: int = 0
+    backward: int = 0
+
+
+@dataclass
+class Components:
+    task: Task
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    needs_closure: bool
+    device: torch.device
+    num_params: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.num_params = sum(p.numel() for p in self.model.parameters())
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def _build(node: DictConfig, key: str, **kwargs: Any) -> Any:
+    """``instantiate`` a config group, turning constructor errors into a one-line ConfigError."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as exc:
+        cause = exc.__cause__ or exc
+        if isinstance(cause, MetaoptError):
+            raise cause from None
+        raise ConfigError(f"{key} ({node.get('_target_')}): {_first_line(cause)}") from exc
+
+
+def _call(factory: Callable[..., Any], key: str, target: str, *args: Any) -> Any:
+    """Finish a ``_partial_`` config (optimizer, scheduler) with run-time arguments."""
+    try:
+        return factory(*args)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{key} ({target}): {_first_line(exc)}") from exc
+
+
+def build(cfg: DictConfig) -> Components:
+    """Check the config and build task, model, optimizer and schedule, before any training."""
+    validate(cfg)
+    device = resolve_device(str(cfg.device))
+    seed_everything(int(cfg.seed))
+    task = _build(cfg.task, "task", seed=int(cfg.seed), device=str(device))
+    model = task.model.to(device)
+    opt_factory = _build(cfg.optimizer, "optimizer")
+    optimizer = _call(opt_factory, "optimizer", cfg.optimizer._target_, model.parameters())
+    sched_factory = _build(cfg.scheduler, "scheduler")
+    scheduler = _call(sched_factory, "scheduler", cfg.scheduler._target_, optimizer)
+    return Components(task, model, optimizer, scheduler, requires_closure(optimizer), device)
+
+
+def fingerprint(cfg: DictConfig) -> str:
+    sections = {k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg.get(k), DictConfig)
+                else cfg.get(k) for k in _FINGERPRINT_KEYS}
+    return hashlib.sha256(json.dumps(sections, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _hydra_run_info() -> dict[str, Any]:
+    """Run dir, W&B group and name from Hydra when running under it; empty otherwise."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return {}
+    hc = HydraConfig.get()
+    info: dict[str, Any] = {"run_dir": hc.runtime.output_dir}
+    if hc.mode == RunMode.MULTIRUN:
+        sweep = Path(hc.sweep.dir)
+        info["group"] = f"{sweep.parent.name}_{sweep.name}"
+        info["name"] = hc.job.override_dirname or f"job{hc.job.num}"
+    return info
+
+
+class _Closure:
+    """The closure handed to optimizers that need one.
+
+    With gradients enabled it is an LBFGS closure (zero grads, forward, backward). With gradients
+    disabled (a line search's trial point) it only runs the forward, and keeps BatchNorm running
+    statistics where they were, so they move once per optimizer step.
+    """
+
+    def __init__(self, c: Components, passes: Passes):
+        self.c, self.passes, self.batch = c, passes, None
+
+    def __call__(self) -> torch.Tensor:
+        c = self.c
+        if torch.is_grad_enabled():
+            c.optimizer.zero_grad(set_to_none=True)
+            loss = c.task.loss(self.batch)
+            loss.backward()
+            self.passes.backward += 1
+        else:
+            with frozen_running_stats(c.model):
+                loss = c.task.loss(self.batch)
+        self.passes.forward += 1
+        return loss
+
+
+def _evaluate(c: Components, split: str) -> dict[str, float]:
+    return {f"{'val' if split == 'validation' else split}/{k}": float(v) for k, v in c.task.evaluate(split).items()}
+
+
+def _diagnostics(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    diag = getattr(optimizer, "diagnostics", None)
+    if not callable(diag):
+        return {}
+    out = {}
+    for k, v in diag().items():
+        if isinstance(v, torch.Tensor) and v.numel() == 1:
+            v = v.item()
+        if isinstance(v, (int, float, str, bool)):
+            out[f"opt/{k}"] = v
+    return out
+
+
+def _finite(x: Any) -> bool:
+    return not isinstance(x, float) or math.isfinite(x)
+
+
+def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
+    """Run one experiment; return the final validation loss (``inf`` if the run diverged).
+
+    ``run_dir`` defaults to Hydra's output directory; outside Hydra it must be given. A directory
+    that holds a checkpoint of the same config is resumed; one whose run completed returns its result.
+    """
+    hydra_info = _hydra_run_info()
+    run_dir = run_dir or hydra_info.get("run_dir")
+    if not run_dir:
+        raise ValueError("train(cfg) outside Hydra needs run_dir=")
+    run_dir = Path(run_dir)
+    files = RunFiles(run_dir)
+    previous = files.read_summary()
+    if previous and previous.get("status") == "completed" and previous.get("fingerprint") == fingerprint(cfg):
+        log.info("run in %s already completed; returning its result", run_dir)
+        return float(previous["objective"])
+
+    summary: dict[str, Any] = {"status": "running", "run_dir": str(run_dir), "fingerprint": fingerprint(cfg),
+                               "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    logger: Logger = NullLogger()
+    try:
+        c = build(cfg)
+        logger = SafeLogger(_build(cfg.logger, "logger") if cfg.get("logger") else NullLogger())
+        return _run(cfg, c, files, logger, summary, hydra_info)
+    except BaseException as exc:
+        if summary["status"] == "running":
+            summary.update(status="failed", error=f"{type(exc).__name__}: {_first_line(exc)}")
+            files.write_summary(summary)
+        raise
+    finally:
+        logger.finish(summary["status"])
+        files.close()
+
+
+@dataclass
+class LoopState:
+    """Where the loop is; saved in the checkpoint so a resumed run logs exactly what it would have."""
+
+    step: int = 0
+    elapsed: float = 0.0  # training seconds, evaluation/logging/checkpointing excluded
+    passes: Passes = field(default_factory=Passes)
+    loss_sum: float = 0.0  # train loss summed since the last record (the record logs the mean)
+    loss_count: int = 0
+    best_val: float = math.inf
+    last_val: dict[str, float] = field(default_factory=dict)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**vars(self), "passes": vars(self.passes)}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> LoopState:
+        return cls(**{**state, "passes": Passes(**state["passes"])})
+
+
+def _run(cfg: DictConfig, c: Components, files: RunFiles, logger: Logger, summary: dict[str, Any],
+         hydra_info: dict[str, Any]) -> float:
+    trainer = cfg.trainer
+    steps, eval_every, log_every = int(trainer.steps), int(trainer.eval_every), int(trainer.log_every)
+    checkpoint_every = int(trainer.checkpoint_every)
+    st = LoopState()
+
+    checkpoint = files.load_checkpoint()
+    if checkpoint is not None:
+        if checkpoint["fingerprint"] != summary["fingerprint"]:
+            raise ConfigError(f"hydra.run.dir: {files.dir} holds a checkpoint of a different config "
+                              "(task/optimizer/scheduler/seed); choose a new run directory")
+        c.model.load_state_dict(checkpoint["model"])
+        c.optimizer.load_state_dict(checkpoint["optimizer"])
+        if c.scheduler is not None:
+            c.scheduler.load_state_dict(checkpoint["scheduler"])
+        c.task.load_state_dict(checkpoint["task"])
+        set_rng_state(checkpoint["rng"])
+        st = LoopState.from_state_dict(checkpoint["loop"])
+        log.info("resuming %s from step %d", files.dir, st.step)
+    files.truncate_metrics(after_step=st.step)
+
+    logger.start(run_dir=files.dir, config=OmegaConf.to_container(cfg, resolve=True), run_id=files.run_id(),
+                 name=hydra_info.get("name"), group=hydra_info.get("group"))
+    log.info("run dir: %s", files.dir)
+    summary.update(task=cfg.task._target_, optimizer=cfg.optimizer._target_, seed=int(cfg.seed),
+                   device=str(c.device), num_params=c.num_params, target_steps=steps)
+
+    def save_checkpoint() -> None:
+        files.save_checkpoint({
+            "fingerprint": summary["fingerprint"], "loop": st.state_dict(),
+            "model": c.model.state_dict(), "optimizer": c.optimizer.state_dict(),
+            "scheduler": c.scheduler.state_dict() if c.scheduler is not None else None,
+            "task": c.task.state_dict(), "rng": rng_state(),
+        })
+
+    closure = _Closure(c, st.passes) if c.needs_closure else None
+    progress = Progress(str(trainer.get("progress", "auto")), steps, st.step)
+    loss_sum = torch.full((), st.loss_sum, device=c.device)  # on device: no host sync per step
+    record: dict[str, Any] = {}
+    diverged = False
+    clock = time.perf_counter()  # st.elapsed is brought up to date at each record and checkpoint
+    c.model.train()
+    try:
+        while st.step < steps:
+            batch = c.task.batch(st.step)
+            if closure is not None:
+                closure.batch = batch
+                loss = c.optimizer.step(closure)
+            else:
+                c.optimizer.zero_grad(set_to_none=True)
+                loss = c.task.loss(batch)
+                loss.backward()
+                c.optimizer.step()
+                st.passes.forward += 1
+                st.passes.backward += 1
+            if c.scheduler is not None:
+                c.scheduler.step()
+            c.task.advance(st.step)
+            st.step += 1
+            loss_sum += loss.detach()
+            st.loss_count += 1
+
+            do_eval = st.step % eval_every == 0 or st.step == steps
+            do_checkpoint = st.step % checkpoint_every == 0 and st.step < steps
+            if not (do_eval or do_checkpoint or st.step % log_every == 0):
+                continue
+            now = time.perf_counter()
+            st.elapsed += now - clock
+            if do_eval or st.step % log_every == 0:
+                record = {"step": st.step, "time": st.elapsed, "passes/forward": st.passes.forward,
+                          "passes/backward": st.passes.backward,
+                          "train/loss": (loss_sum / st.loss_count).item()}
+                loss_sum.zero_()
+                st.loss_count = 0
+                if "lr" in c.optimizer.param_groups[0]:
+                    record["lr"] = float(c.optimizer.param_groups[0]["lr"])
+                record.update(_diagnostics(c.optimizer))
+                if do_eval and _finite(record["train/loss"]):
+                    st.last_val = _evaluate(c, "validation")
+                    record.update(st.last_val)
+                    st.best_val = min(st.best_val, st.last_val.get("val/loss", math.inf))
+                files.append_metrics(record)
+                logger.log(record, st.step)
+                progress.update(st.step, record)
+                if not all(_finite(record.get(k)) for k in ("train/loss", "val/loss")):
+                    diverged = True
+                    break
+            if do_checkpoint:
+                st.loss_sum = loss_sum.item()
+                save_checkpoint()
+            clock = time.perf_counter()
+    finally:
+        progress.close()
+    summary.update(steps=st.step, wall_time=st.elapsed, passes=vars(st.passes),
+                   optimizer_state_bytes=optimizer_state_bytes(c.optimizer),
+                   step_time_mean=st.elapsed / max(st.step, 1))
+    summary["optimizer_state_bytes_per_param"] = summary["optimizer_state_bytes"] / max(c.num_params, 1)
+    if diverged:
+        summary.update(status="diverged", diverged_at=st.step, objective=math.inf,
+                       final={k: v for k, v in record.items() if k.startswith(("train/", "val/"))})
+        log.warning("run diverged by step %d (non-finite loss); metrics so far are in %s", st.step, files.dir)
+    else:
+        final = dict(st.last_val or _evaluate(c, "validation"))
+        if "test" in c.task.splits:
+            final.update(_evaluate(c, "test"))
+        if "train/loss" in record:
+            final["train/loss"] = record["train/loss"]
+        st.loss_sum = 0.0
+        save_checkpoint()
+        summary.update(status="completed", objective=final.get("val/loss", math.inf), final=final,
+                       best={"val/loss": st.best_val})
+    summary["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    files.write_summary(summary)
+    logger.summary({k: v for k, v in summary.items() if not isinstance(v, dict)} | summary.get("final", {}))
+    log.info("%s: %d steps in %.1fs, %s; results in %s (summary.json, metrics.jsonl, checkpoint.pt%s)",
+             summary["status"], st.step, st.elapsed,
+             " ".join(f"{k}={v:.4g}" for k, v in summary.get("final", {}).items() if isinstance(v, float)),
+             files.dir, ", wandb/" if (files.dir / "wandb").exists() else "")
+    return float(summary["objective"])

@@ -1,0 +1,201 @@
+"""The training loop: the files a run leaves, reproducibility, resume, divergence, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import metaopt.train as train_module
+from metaopt.errors import ConfigError, DataNotFoundError
+from metaopt.train import train
+
+TIMING_KEYS = {"time"}
+
+
+def without_timing(records):
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_run_leaves_plain_files(make_cfg, tmp_path):
+    value = train(make_cfg("task=two_moons"), run_dir=tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    assert summary["status"] == "completed"
+    assert value == pytest.approx(summary["final"]["val/loss"]) == summary["objective"]
+    assert {"test/loss", "test/accuracy", "val/accuracy"} <= set(summary["final"])
+    assert summary["steps"] == 20 and summary["passes"] == {"forward": 20, "backward": 20}
+    assert summary["optimizer_state_bytes"] > 0 and summary["num_params"] > 0
+    assert [r["step"] for r in records] == [5, 10, 15, 20]
+    assert "val/loss" in records[1] and "val/loss" not in records[0]
+    assert all(math.isfinite(r["train/loss"]) for r in records)
+    assert (tmp_path / "checkpoint.pt").exists()
+    torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+
+
+def test_same_seed_gives_identical_metrics(make_cfg, tmp_path):
+    cfg = make_cfg("task=mnist1d", "trainer.steps=30")
+    train(cfg, run_dir=tmp_path / "a")
+    train(cfg, run_dir=tmp_path / "b")
+    a, b = (without_timing(read_jsonl(tmp_path / d / "metrics.jsonl")) for d in "ab")
+    assert a == b
+    other = make_cfg("task=mnist1d", "trainer.steps=30", "seed=1")
+    train(other, run_dir=tmp_path / "c")
+    assert without_timing(read_jsonl(tmp_path / "c" / "metrics.jsonl")) != a
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("task", ["mnist1d", "quadratic"])
+def test_interrupted_then_resumed_equals_uninterrupted(make_cfg, tmp_path, monkeypatch, task):
+    overrides = (f"task={task}", "trainer.steps=30", "trainer.checkpoint_every=10", "trainer.log_every=3",
+                 "scheduler=cosine")
+    cfg = make_cfg(*overrides)
+    train(cfg, run_dir=tmp_path / "full")
+
+    real_update = train_module.Progress.update
+
+    def interrupt_at_step_17(self, step, metrics):
+        real_update(self, step, metrics)
+        if step >= 17:
+            raise Interrupt
+
+    monkeypatch.setattr(train_module.Progress, "update", interrupt_at_step_17)
+    with pytest.raises(Interrupt):
+        train(make_cfg(*overrides), run_dir=tmp_path / "cut")
+    assert json.loads((tmp_path / "cut" / "summary.json").read_text())["status"] == "failed"
+    assert max(r["step"] for r in read_jsonl(tmp_path / "cut" / "metrics.jsonl")) >= 17
+    monkeypatch.setattr(train_module.Progress, "update", real_update)
+    value = train(make_cfg(*overrides), run_dir=tmp_path / "cut")
+
+    full = json.loads((tmp_path / "full" / "summary.json").read_text())
+    cut = json.loads((tmp_path / "cut" / "summary.json").read_text())
+    assert cut["status"] == "completed" and value == full["objective"]
+    assert cut["final"] == full["final"] and cut["passes"] == full["passes"]
+    assert without_timing(read_jsonl(tmp_path / "cut" / "metrics.jsonl")) == \
+        without_timing(read_jsonl(tmp_path / "full" / "metrics.jsonl"))
+
+
+def test_rerun_of_completed_run_returns_its_result(make_cfg, tmp_path):
+    cfg = make_cfg("task=rosenbrock")
+    first = train(cfg, run_dir=tmp_path)
+    before = (tmp_path / "metrics.jsonl").read_text()
+    assert train(cfg, run_dir=tmp_path) == first
+    assert (tmp_path / "metrics.jsonl").read_text() == before
+
+
+def test_checkpoint_of_another_config_is_not_resumed(make_cfg, tmp_path):
+    train(make_cfg("task=rosenbrock", "trainer.steps=20"), run_dir=tmp_path)
+    (tmp_path / "summary.json").unlink()
+    with pytest.raises(ConfigError, match="different config"):
+        train(make_cfg("task=rosenbrock", "optimizer=sgd"), run_dir=tmp_path)
+
+
+def test_divergence_stops_marks_run_and_keeps_metrics(make_cfg, tmp_path):
+    cfg = make_cfg("task=rosenbrock", "optimizer=sgd", "optimizer.lr=10", "trainer.steps=200")
+    value = train(cfg, run_dir=tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    assert value == math.inf
+    assert summary["status"] == "diverged" and summary["objective"] == "inf"
+    assert summary["steps"] < 200 and summary["diverged_at"] == records[-1]["step"]
+    assert len(records) >= 1
+
+
+def test_closure_optimizer_passes_are_counted(make_cfg, tmp_path):
+    train(make_cfg("task=linreg", "optimizer=lbfgs"), run_dir=tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert summary["passes"]["forward"] > summary["steps"]
+    assert summary["passes"]["forward"] == summary["passes"]["backward"]
+
+
+def test_optimizer_diagnostics_are_logged(make_cfg, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.optim.Adam, "diagnostics", lambda self: {"lr_eff": torch.tensor(0.5)},
+                        raising=False)
+    train(make_cfg("task=rosenbrock"), run_dir=tmp_path)
+    assert all(r["opt/lr_eff"] == 0.5 for r in read_jsonl(tmp_path / "metrics.jsonl"))
+
+
+@pytest.mark.parametrize("override,key", [
+    ("optimizer.lr=-0.1", "optimizer.lr"),
+    ("trainer.steps=0", "trainer.steps"),
+    ("trainer.eval_every=-5", "trainer.eval_every"),
+    ("task.batch_size=0", "task.batch_size"),
+    ("seed=-1", "seed"),
+    ("trainer.progress=fancy", "trainer.progress"),
+    ("optimizer.betas=[1.5,0.9]", "optimizer"),
+    ("task.hidden=[0]", "task"),
+])
+def test_invalid_values_fail_before_training_with_one_line_naming_the_key(make_cfg, tmp_path, override, key):
+    with pytest.raises(ConfigError) as info:
+        train(make_cfg("task=two_moons", override), run_dir=tmp_path)
+    message = str(info.value)
+    assert message.startswith(key) and "\n" not in message
+    assert not (tmp_path / "metrics.jsonl").exists()
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "failed"
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:7", "banana"])
+def test_unknown_or_absent_device_is_rejected(make_cfg, tmp_path, device):
+    cfg = make_cfg("task=rosenbrock")
+    cfg.device = device
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("machine has that device")
+    with pytest.raises(ConfigError, match=r"^device: "):
+        train(cfg, run_dir=tmp_path)
+
+
+def test_missing_cifar_offline_is_one_line_naming_the_directory(make_cfg, tmp_path):
+    with pytest.raises(DataNotFoundError) as info:
+        train(make_cfg("task=resnet", f"task.data_dir={tmp_path / 'nowhere'}"), run_dir=tmp_path / "run")
+    assert "\n" not in str(info.value) and str(tmp_path / "nowhere") in str(info.value)
+
+
+def test_scheduler_needing_lr_on_optimizer_without_lr_is_rejected(make_cfg, tmp_path, monkeypatch):
+    cfg = make_cfg("task=rosenbrock", "scheduler=cosine")
+    real = train_module.instantiate
+
+    def no_lr_optimizer(node, *args, **kwargs):
+        obj = real(node, *args, **kwargs)
+        if node.get("_target_") == "torch.optim.Adam":
+            def make(params):
+                opt = obj(params)
+                for group in opt.param_groups:
+                    del group["lr"]
+                return opt
+            return make
+        return obj
+
+    monkeypatch.setattr(train_module, "instantiate", no_lr_optimizer)
+    with pytest.raises(ConfigError, match=r"^scheduler .*no 'lr'"):
+        train(cfg, run_dir=tmp_path)
+
+
+def test_wandb_offline_run_lands_in_run_dir(make_cfg, tmp_path):
+    value = train(make_cfg("task=rosenbrock", "logger=wandb", "logger.mode=offline"), run_dir=tmp_path)
+    assert math.isfinite(value)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    run_id = (tmp_path / "run_id.txt").read_text().strip()
+    assert runs[0].name.endswith(run_id)
+
+
+def test_failing_logger_warns_once_and_training_continues(make_cfg, tmp_path):
+    with pytest.warns(RuntimeWarning, match="continuing without this logger"):
+        value = train(make_cfg("task=rosenbrock", "logger=wandb", "logger.mode=bogus"), run_dir=tmp_path)
+    assert math.isfinite(value)
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "completed"
+
+
+def test_train_outside_hydra_needs_a_run_dir(make_cfg):
+    with pytest.raises(ValueError, match="run_dir"):
+        train(make_cfg("task=rosenbrock"))
