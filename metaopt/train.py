@@ -54,6 +54,7 @@ class Components:
     scheduler: Any
     needs_closure: bool
     device: torch.device
+    callback: Callback | None = None
     num_params: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -95,7 +96,8 @@ def build(cfg: DictConfig) -> Components:
     optimizer = _call(opt_factory, "optimizer", cfg.optimizer._target_, model.parameters())
     sched_factory = _build(cfg.scheduler, "scheduler")
     scheduler = _call(sched_factory, "scheduler", cfg.scheduler._target_, optimizer)
-    return Components(task, model, optimizer, scheduler, requires_closure(optimizer), device)
+    callback = _build(cfg.analysis, "analysis") if cfg.get("analysis") else None
+    return Components(task, model, optimizer, scheduler, requires_closure(optimizer), device, callback)
 
 
 def fingerprint(cfg: DictConfig) -> str:
@@ -118,6 +120,28 @@ def _hydra_run_info() -> dict[str, Any]:
         info["group"] = f"{sweep.parent.name}_{sweep.name}"
         info["name"] = hc.job.override_dirname or f"job{hc.job.num}"
     return info
+
+
+class Callback:
+    """Hooks the loop calls around each optimizer step: analysis tools plug in here.
+
+    Configured by the ``analysis`` group (``analysis=none`` builds none). A callback must not
+    consume the global RNG or leave the model changed, so a run with analysis follows the same
+    trajectory as one without. ``after_step`` may return scalars; they join the next metrics record.
+    """
+
+    def on_start(self, c: Components, run_dir: Path) -> None:
+        del c, run_dir
+
+    def before_step(self, step: int, batch: Any, c: Components) -> None:
+        del step, batch, c
+
+    def after_step(self, step: int, batch: Any, c: Components) -> dict[str, float] | None:
+        del step, batch, c
+        return None
+
+    def on_end(self, c: Components, run_dir: Path) -> None:
+        del c, run_dir
 
 
 class _Closure:
@@ -260,12 +284,18 @@ def _run(cfg: DictConfig, c: Components, files: RunFiles, logger: Logger, summar
     progress = Progress(str(trainer.get("progress", "auto")), steps, st.step)
     loss_sum = torch.full((), st.loss_sum, device=c.device)  # on device: no host sync per step
     record: dict[str, Any] = {}
+    pending: dict[str, Any] = {}  # callback metrics waiting for the next record
+    callback = c.callback
+    if callback is not None:
+        callback.on_start(c, files.dir)
     diverged = False
     clock = time.perf_counter()  # st.elapsed is brought up to date at each record and checkpoint
     c.model.train()
     try:
         while st.step < steps:
             batch = c.task.batch(st.step)
+            if callback is not None:
+                callback.before_step(st.step, batch, c)
             if closure is not None:
                 closure.batch = batch
                 loss = c.optimizer.step(closure)
@@ -278,6 +308,8 @@ def _run(cfg: DictConfig, c: Components, files: RunFiles, logger: Logger, summar
                 st.passes.backward += 1
             if c.scheduler is not None:
                 c.scheduler.step()
+            if callback is not None:
+                pending.update(callback.after_step(st.step, batch, c) or {})
             c.task.advance(st.step)
             st.step += 1
             loss_sum += loss.detach()
@@ -298,6 +330,8 @@ def _run(cfg: DictConfig, c: Components, files: RunFiles, logger: Logger, summar
                 if "lr" in c.optimizer.param_groups[0]:
                     record["lr"] = float(c.optimizer.param_groups[0]["lr"])
                 record.update(_diagnostics(c.optimizer))
+                record.update(pending)
+                pending.clear()
                 if do_eval and _finite(record["train/loss"]):
                     st.last_val = _evaluate(c, "validation")
                     record.update(st.last_val)
@@ -314,6 +348,8 @@ def _run(cfg: DictConfig, c: Components, files: RunFiles, logger: Logger, summar
             clock = time.perf_counter()
     finally:
         progress.close()
+    if callback is not None:
+        callback.on_end(c, files.dir)
     summary.update(steps=st.step, wall_time=st.elapsed, passes=vars(st.passes),
                    optimizer_state_bytes=optimizer_state_bytes(c.optimizer),
                    step_time_mean=st.elapsed / max(st.step, 1))

@@ -6,6 +6,7 @@ constructor arguments that must be rejected with a ``ValueError`` matching the p
 
 import torch
 
+from metaopt.optim.pal import PAL
 from metaopt.optim.registry import REGISTRY, OptimizerSpec, register, requires_closure
 from metaopt.optim.utils import optimizer_state_bytes
 
@@ -26,4 +27,8 @@ register("rmsprop", torch.optim.RMSprop, kwargs={"lr": 1e-2},
 register("lbfgs", torch.optim.LBFGS, kwargs={"lr": 0.5, "max_iter": 5, "history_size": 10},
          needs_closure=True, supports_param_groups=False, invalid=(_BAD_LR,))
 
-__all__ = ["REGISTRY", "OptimizerSpec", "optimizer_state_bytes", "register", "requires_closure"]
+register("pal", PAL, kwargs={"measuring_step": 0.1, "max_step": 1.0}, needs_closure=True,
+         invalid=(({"measuring_step": -1.0}, "measuring_step"), ({"max_step": 0.0}, "max_step"),
+                  ({"direction_decay": 1.5}, "direction_decay"), ({"update_factor": 0.0}, "update_factor")))
+
+__all__ = ["PAL", "REGISTRY", "OptimizerSpec", "optimizer_state_bytes", "register", "requires_closure"]

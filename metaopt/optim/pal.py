@@ -11,6 +11,7 @@ passes and moves the parameters.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -80,9 +81,9 @@ def _validate(hp: dict[str, Any]) -> None:
 
 
 def _is_real(x: Any) -> bool:
-    # NaN would pass neither comparison in _validate and slip through a `<=` test; bools are
-    # ints to Python but never a meaningful step length.
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isnan(x)
+    # NaN needs no test: it fails every comparison in _validate. Bools are Python ints but a
+    # `measuring_step=True` is a config mistake, not a step length of 1.
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 def _next_direction(d: Tensor, g: Tensor, beta: float) -> Tensor:

@@ -1,0 +1,79 @@
+"""``python -m metaopt`` as a user runs it: in a subprocess, with Hydra parsing the command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TINY = ["trainer.steps=20", "trainer.eval_every=10", "trainer.log_every=5", "trainer.checkpoint_every=10"]
+
+
+def metaopt(*args: str, cwd: Path, data_dir: str, python: str = sys.executable, timeout: int = 300):
+    env = {**os.environ, "WANDB_MODE": "offline", "METAOPT_DATA_DIR": data_dir}
+    env.pop("WANDB_SERVICE", None)
+    return subprocess.run([python, "-m", "metaopt", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_single_run_prints_where_results_are(tmp_path, data_dir):
+    proc = metaopt("task=two_moons", *TINY, cwd=tmp_path, data_dir=data_dir)
+    assert proc.returncode == 0, proc.stderr
+    runs = list((tmp_path / "outputs" / "runs").glob("*/*"))
+    assert len(runs) == 1
+    run = runs[0]
+    assert f"results in {run.resolve()}" in proc.stdout + proc.stderr or f"results in {run}" in proc.stdout + proc.stderr
+    for name in ("metrics.jsonl", "summary.json", "checkpoint.pt", ".hydra/config.yaml", "metaopt.log"):
+        assert (run / name).exists(), name
+    assert list((run / "wandb").glob("offline-run-*"))
+
+
+def test_unknown_group_option_lists_the_choices(tmp_path, data_dir):
+    proc = metaopt("optimizer=adamm", cwd=tmp_path, data_dir=data_dir)
+    assert proc.returncode != 0
+    assert "Could not find 'optimizer/adamm'" in proc.stderr
+    assert "adam" in proc.stderr and "rmsprop" in proc.stderr
+
+
+@pytest.mark.parametrize("override,key", [("optimizer.lr=-1", "optimizer.lr"), ("device=tpu", "device"),
+                                          ("trainer.steps=0", "trainer.steps")])
+def test_bad_value_is_one_line_naming_the_key(tmp_path, data_dir, override, key):
+    proc = metaopt("task=rosenbrock", override, cwd=tmp_path, data_dir=data_dir)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("metaopt: error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"metaopt: error: {key}")
+    assert "Traceback" not in proc.stderr
+
+
+def test_resnet_without_data_offline_names_the_directory(tmp_path, data_dir):
+    proc = metaopt("task=resnet", f"task.data_dir={tmp_path / 'cifar'}", cwd=tmp_path, data_dir=data_dir)
+    assert proc.returncode == 2
+    assert str(tmp_path / "cifar") in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_multirun_jobs_get_their_own_dirs_and_share_a_wandb_group(tmp_path, data_dir):
+    proc = metaopt("-m", "task=rosenbrock", "optimizer=adam,sgd", "optimizer.lr=0.001", *TINY,
+                   cwd=tmp_path, data_dir=data_dir)
+    assert proc.returncode == 0, proc.stderr
+    jobs = sorted((tmp_path / "outputs" / "multirun").glob("*/*/*/summary.json"))
+    assert [p.parent.name for p in jobs] == ["0", "1"]
+    assert all(json.loads(p.read_text())["status"] == "completed" for p in jobs)
+    sweep = jobs[0].parent.parent
+    group = f"{sweep.parent.name}_{sweep.name}".encode()
+    for job in jobs:
+        (record,) = job.parent.glob("wandb/offline-run-*/*.wandb")
+        assert group in record.read_bytes()  # the run record carries the shared group
+
+
+@pytest.mark.slow
+def test_multirun_goes_on_past_a_diverged_and_a_failed_job(tmp_path, data_dir):
+    proc = metaopt("-m", "task=rosenbrock", "optimizer=sgd", "optimizer.lr=10,-1,0.001", "logger=none", *TINY,
+                   cwd=tmp_path, data_dir=data_dir)
+    statuses = {p.parent.name: json.loads(p.read_text())["status"]
+                for p in (tmp_path / "outputs" / "multirun").glob("*/*/*/summary.json")}
+    assert statuses == {"0": "diverged", "1": "failed", "2": "completed"}, proc.stderr
