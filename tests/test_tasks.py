@@ -304,9 +304,9 @@ def test_quadratic_centre_random_walk_and_state_round_trip():
     b.advance(5)
     assert torch.equal(b.centre, a.centre)  # resumed run continues the same walk
     # Each step's increment has the configured scale.
-    c = NoisyQuadratic(dim=4000, noise=0.5, rotate=False, seed=0)
+    c = NoisyQuadratic(dim=2000, noise=0.5, rotate=False, seed=0)
     c.advance(0)
-    assert c.centre.std().item() == pytest.approx(0.5, rel=0.05)
+    assert c.centre.std().item() == pytest.approx(0.5, rel=0.1)
 
 
 def test_quadratic_without_noise_is_stationary():

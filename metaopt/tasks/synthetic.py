@@ -99,9 +99,12 @@ class NoisyQuadratic(Task):
 
         gen = generator(self.seed, "quadratic", "problem")
         lam = torch.logspace(math.log10(self.eig_min), math.log10(self.eig_max), self.dim, dtype=torch.float64)
-        q = random_rotation(self.dim, gen) if rotate else torch.eye(self.dim, dtype=torch.float64)
-        h = (q * lam) @ q.T
-        h = 0.5 * (h + h.T)  # exactly symmetric after rounding
+        if rotate:
+            q = random_rotation(self.dim, gen)
+            h = (q * lam) @ q.T
+            h = 0.5 * (h + h.T)  # exactly symmetric after rounding
+        else:
+            q, h = torch.eye(self.dim, dtype=torch.float64), torch.diag(lam)
         self.eigenvalues = lam.float().to(self.device)
         self.rotation = q.float().to(self.device)
         self.hessian = h.float().to(self.device)
