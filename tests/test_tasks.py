@@ -14,8 +14,8 @@ import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
-from metaopt.data import write_fake_cifar10
 from metaopt.data import mnist1d as mnist1d_data
+from metaopt.data import write_fake_cifar10
 from metaopt.tasks import (
     Digits,
     LinearRegression,

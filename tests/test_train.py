@@ -199,3 +199,37 @@ def test_failing_logger_warns_once_and_training_continues(make_cfg, tmp_path):
 def test_train_outside_hydra_needs_a_run_dir(make_cfg):
     with pytest.raises(ValueError, match="run_dir"):
         train(make_cfg("task=rosenbrock"))
+
+
+class RecordingCallback(train_module.Callback):
+    def __init__(self):
+        self.events = []
+
+    def on_start(self, c, run_dir):
+        self.events.append("start")
+
+    def before_step(self, step, batch, c):
+        self.events.append(("before", step))
+
+    def after_step(self, step, batch, c):
+        self.events.append(("after", step))
+        return {"analysis/probe": float(step)} if step % 7 == 0 else None
+
+    def on_end(self, c, run_dir):
+        self.events.append("end")
+
+
+def test_analysis_callback_runs_around_each_step_and_its_metrics_are_logged(make_cfg, tmp_path, monkeypatch):
+    callback = RecordingCallback()
+    real_build = train_module._build
+    monkeypatch.setattr(train_module, "_build",
+                        lambda node, key, **kw: callback if key == "analysis" else real_build(node, key, **kw))
+    cfg = make_cfg("task=rosenbrock")
+    from omegaconf import open_dict
+    with open_dict(cfg):
+        cfg.analysis = {"_target_": "unused"}
+    train(cfg, run_dir=tmp_path)
+    assert callback.events[0] == "start" and callback.events[-1] == "end"
+    assert callback.events[1:3] == [("before", 0), ("after", 0)] and len(callback.events) == 2 + 2 * 20
+    probes = {r["step"]: r["analysis/probe"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "analysis/probe" in r}
+    assert probes == {5: 0.0, 10: 7.0, 15: 14.0}

@@ -105,7 +105,7 @@ def md5sum(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 
 def _default_opener(url: str) -> BinaryIO:
-    return urllib.request.urlopen(url, timeout=60)  # noqa: S310 (the URL is a parameter by design)
+    return urllib.request.urlopen(url, timeout=60)
 
 
 def _safe_extract(archive: Path, dest: Path) -> None:
@@ -155,7 +155,9 @@ def download_cifar10(
         digest = md5sum(part)
         if digest != md5:
             part.unlink()
-            raise ChecksumError(f"{url}: MD5 {digest} does not match the published {md5}; the download is corrupt, try again")
+            raise ChecksumError(
+                f"{url}: MD5 {digest} does not match the published {md5}; the download is corrupt, try again"
+            )
         os.replace(part, archive)
     with tempfile.TemporaryDirectory(dir=root, prefix=".cifar10-extract-") as tmp:
         _safe_extract(archive, Path(tmp))
@@ -196,21 +198,28 @@ def write_fake_cifar10(
     sizes = [n_train // 5] * 4 + [n_train - 4 * (n_train // 5)]
     for i, (name, size) in enumerate(zip((*TRAIN_FILES, TEST_FILE), (*sizes, n_test))):
         labels = rng.integers(0, 10, size=size)
+        label = f"training batch {i + 1} of 5" if name != TEST_FILE else "testing batch 1 of 1"
         entry = {
-            b"batch_label": (f"training batch {i + 1} of 5" if name != TEST_FILE else "testing batch 1 of 1").encode(),
+            b"batch_label": label.encode(),
             b"labels": [int(v) for v in labels],
             b"data": _fake_images(rng, labels),
             b"filenames": [f"fake_{name}_{j}.png".encode() for j in range(size)],
         }
         with open(folder / name, "wb") as f:
             pickle.dump(entry, f, protocol=2)
-    meta = {b"label_names": [c.encode() for c in CLASSES], b"num_cases_per_batch": max(sizes), b"num_vis": 3072}
+    meta = {
+        b"label_names": [c.encode() for c in CLASSES],
+        b"num_cases_per_batch": max(sizes),
+        b"num_vis": 3072,
+    }
     with open(folder / META_FILE, "wb") as f:
         pickle.dump(meta, f, protocol=2)
     return folder
 
 
-def write_fake_cifar10_archive(path: str | os.PathLike, n_train: int = 100, n_test: int = 20, seed: int = 0) -> str:
+def write_fake_cifar10_archive(
+    path: str | os.PathLike, n_train: int = 100, n_test: int = 20, seed: int = 0
+) -> str:
     """Write a fake ``cifar-10-python.tar.gz`` at ``path``; returns its MD5 (for download tests)."""
     with tempfile.TemporaryDirectory() as tmp:
         write_fake_cifar10(tmp, n_train, n_test, seed)

@@ -78,7 +78,7 @@ def load_mnist1d(
     if path.is_file():
         try:
             return torch.load(path, weights_only=True)
-        except Exception:  # noqa: BLE001 (a corrupt cache is regenerated, not fatal)
+        except Exception:  # a corrupt or foreign cache file is regenerated, not fatal
             pass
     data = _generate(args)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -187,7 +187,9 @@ class Digits(SupervisedTask):
         digits = load_digits()
         n = len(digits.target)
         if n_val + n_test >= n:
-            raise ValueError(f"n_val + n_test must leave training examples out of {n}, got {n_val} + {n_test}")
+            raise ValueError(
+                f"n_val + n_test must leave training examples out of {n}, got {n_val} + {n_test}"
+            )
         order = np.random.default_rng(derive_seed(self.seed, "digits", "split")).permutation(n)
         x = torch.as_tensor(digits.data[order], dtype=torch.float32)
         y = torch.as_tensor(digits.target[order], dtype=torch.int64)
@@ -260,7 +262,9 @@ class ResNetCIFAR10(SupervisedTask):
         n_fit = n - n_val
         if subset is not None:
             if subset > n_fit:
-                raise ValueError(f"subset must be at most the {n_fit} training images left after n_val, got {subset}")
+                raise ValueError(
+                    f"subset must be at most the {n_fit} training images left after n_val, got {subset}"
+                )
             n_fit = subset
         tx, ty = data["train_x"], data["train_y"]
         self.set_data(
@@ -278,8 +282,9 @@ class ResNetCIFAR10(SupervisedTask):
         return self._crop_and_flip(x, step)
 
     def _crop_and_flip(self, x: torch.Tensor, step: int) -> torch.Tensor:
-        # One gather does crop and flip for the whole batch: per-image offsets become index grids,
-        # and a flip reverses the column grid.
+        # One gather does crop and flip for the whole batch: per-image offsets become flat indices
+        # into the padded image, and a flip reverses the column order. torch.gather is several
+        # times faster than the equivalent four-tensor advanced indexing.
         n, c, h, w = x.shape
         p = self.PAD
         dev = x.device
@@ -290,10 +295,6 @@ class ResNetCIFAR10(SupervisedTask):
         ar_h, ar_w = torch.arange(h, device=dev), torch.arange(w, device=dev)
         rows = dy + ar_h
         cols = dx + torch.where(flip, ar_w.flip(0), ar_w)
-        padded = F.pad(x, (p, p, p, p))
-        return padded[
-            torch.arange(n, device=dev).view(n, 1, 1, 1),
-            torch.arange(c, device=dev).view(1, c, 1, 1),
-            rows.view(n, 1, h, 1),
-            cols.view(n, 1, 1, w),
-        ]
+        padded = F.pad(x, (p, p, p, p)).flatten(2)
+        index = (rows.view(n, h, 1) * (w + 2 * p) + cols.view(n, 1, w)).view(n, 1, h * w)
+        return torch.gather(padded, 2, index.expand(n, c, h * w)).view(n, c, h, w)

@@ -98,7 +98,8 @@ class NoisyQuadratic(Task):
         self.init_scale = check_float("init_scale", init_scale, nonnegative=True)
 
         gen = generator(self.seed, "quadratic", "problem")
-        lam = torch.logspace(math.log10(self.eig_min), math.log10(self.eig_max), self.dim, dtype=torch.float64)
+        lo, hi = math.log10(self.eig_min), math.log10(self.eig_max)
+        lam = torch.logspace(lo, hi, self.dim, dtype=torch.float64)
         if rotate:
             q = random_rotation(self.dim, gen)
             h = (q * lam) @ q.T
@@ -133,7 +134,8 @@ class NoisyQuadratic(Task):
     def advance(self, step: int) -> None:
         if self.noise == 0.0:
             return
-        xi = torch.randn(self.dim, generator=generator(self.seed, "drift", int(step), device=self.device), device=self.device)
+        g = generator(self.seed, "drift", int(step), device=self.device)
+        xi = torch.randn(self.dim, generator=g, device=self.device)
         self.centre.add_(xi, alpha=self.noise)
 
     def state_dict(self) -> dict[str, Any]:
@@ -226,7 +228,9 @@ class LinearRegression(SupervisedTask):
         seed: int = 0,
         device: str | torch.device = "cpu",
     ):
-        super().__init__(batch_size, seed=seed, device=device, eval_batch_size=eval_batch_size, allow_full_batch=True)
+        super().__init__(
+            batch_size, seed=seed, device=device, eval_batch_size=eval_batch_size, allow_full_batch=True
+        )
         self.dim = check_int("dim", dim)
         n_train = check_int("n_train", n_train)
         n_val = check_int("n_val", n_val)
