@@ -201,6 +201,9 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
     if not run_dir:
         raise ValueError("train(cfg) outside Hydra needs run_dir=")
     run_dir = Path(run_dir)
+    if cfg.get("meta") is not None:
+        # An outer loop (meta-training a learned optimizer) owns the run: see the `meta` group.
+        return float(_build(cfg.meta, "meta").run(cfg, run_dir))
     files = RunFiles(run_dir)
     previous = files.read_summary()
     if previous and previous.get("status") == "completed" and previous.get("fingerprint") == fingerprint(cfg):
