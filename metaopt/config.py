@@ -44,7 +44,7 @@ def resolve_device(name: str) -> torch.device:
             raise ConfigError(f"device: {name!r} but only {torch.cuda.device_count()} CUDA device(s)")
     elif device.type == "mps":
         if not torch.backends.mps.is_available():
-            raise ConfigError(f"device: 'mps' requested but MPS is not available; use device=auto or cpu")
+            raise ConfigError("device: 'mps' requested but MPS is not available; use device=auto or cpu")
     elif device.type != "cpu":
         raise ConfigError(f"device: unsupported device {name!r}; valid: {valid}")
     return device

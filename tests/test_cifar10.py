@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import pickle
 import tarfile
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -60,8 +62,25 @@ def test_missing_data_is_a_one_line_error_naming_the_directory(tmp_path):
     # A partial copy names what is missing.
     write_fake_cifar10(tmp_path, n_train=20, n_test=5)
     (tmp_path / "cifar-10-batches-py" / "data_batch_4").unlink()
-    with pytest.raises(DataNotFoundError, match="data_batch_4"):
+    with pytest.raises(DataNotFoundError, match="missing data_batch_4"):
         load_cifar10(tmp_path)
+    with pytest.raises(DataNotFoundError, match=r"^task\.data_dir: .*missing data_batch_4"):
+        small_resnet(tmp_path)
+
+
+def test_failed_download_is_a_one_line_data_error(tmp_path, monkeypatch):
+    def offline(url, timeout=None):
+        raise urllib.error.URLError("Temporary failure in name resolution")
+
+    with pytest.raises(DataNotFoundError) as info:
+        download_cifar10(tmp_path, opener=offline)
+    assert "\n" not in str(info.value) and cifar10.CIFAR10_URL in str(info.value)
+    assert not list(tmp_path.glob("*.part"))
+
+    # The task's own path to the network, cut at urllib so nothing is ever fetched.
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(DataNotFoundError, match=r"^task\.download: could not download"):
+        small_resnet(tmp_path, download=True)
 
 
 def test_download_extracts_a_verified_archive(tmp_path):

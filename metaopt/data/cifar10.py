@@ -56,6 +56,11 @@ def missing_files(root: str | os.PathLike) -> list[str]:
     return [name for name in (*TRAIN_FILES, TEST_FILE, META_FILE) if not (folder / name).is_file()]
 
 
+def missing_note(root: str | os.PathLike) -> str:
+    """`` (missing data_batch_4)`` for a partial copy; nothing when the folder is absent."""
+    return f" (missing {', '.join(missing_files(root))})" if cifar10_folder(root).is_dir() else ""
+
+
 def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     with open(path, "rb") as f:
         # The archive was pickled by Python 2: its keys are bytes.
@@ -78,7 +83,7 @@ def load_cifar10(root: str | os.PathLike) -> dict[str, torch.Tensor]:
     missing = missing_files(root)
     if missing:
         raise DataNotFoundError(
-            f"no CIFAR-10 at {folder} (missing {', '.join(missing)}); call "
+            f"no CIFAR-10 at {folder}{missing_note(root)}; call "
             f"metaopt.data.cifar10.download_cifar10({str(root)!r}) or place the python-version "
             f"pickles from {CIFAR10_URL} there"
         )
@@ -150,8 +155,14 @@ def download_cifar10(
     archive = root / ARCHIVE_NAME
     if not archive.is_file() or md5sum(archive) != md5:
         part = archive.with_name(ARCHIVE_NAME + ".part")
-        with opener(url) as response, open(part, "wb") as out:
-            shutil.copyfileobj(response, out, length=1 << 20)
+        try:
+            with opener(url) as response, open(part, "wb") as out:
+                shutil.copyfileobj(response, out, length=1 << 20)
+        except OSError as e:  # urllib's URLError and socket timeouts are OSErrors
+            part.unlink(missing_ok=True)
+            raise DataNotFoundError(
+                f"could not download CIFAR-10 from {url} ({e}); place the python-version pickles in {folder}"
+            ) from e
         digest = md5sum(part)
         if digest != md5:
             part.unlink()

@@ -45,7 +45,7 @@ class Task(abc.ABC):
     def evaluate(self, split: str) -> dict[str, float]:
         """Metrics of ``self.model`` on a split: ``{"loss": ..., "accuracy": ...}`` (no grad, eval mode)."""
 
-    def advance(self, step: int) -> None:
+    def advance(self, step: int) -> None:  # noqa: B027 - optional hook, no-op by default
         """Called after optimizer step ``step``; non-stationary tasks move their problem here."""
 
     def state_dict(self) -> dict[str, Any]:

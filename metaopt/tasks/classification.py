@@ -246,14 +246,16 @@ class ResNetCIFAR10(SupervisedTask):
             self.model = ResNetCIFAR(depth, width, 10).to(self.device)
 
         if download:
-            cifar10.download_cifar10(self.data_dir)
+            try:
+                cifar10.download_cifar10(self.data_dir)
+            except DataNotFoundError as e:
+                raise DataNotFoundError(f"task.download: {e}") from None
         try:
             data = cifar10.load_cifar10(self.data_dir)
         except DataNotFoundError:
             folder = cifar10.cifar10_folder(self.data_dir)
-            missing = ", ".join(cifar10.missing_files(self.data_dir))
             raise DataNotFoundError(
-                f"task.data_dir: no CIFAR-10 at {folder} (missing {missing}); run with "
+                f"task.data_dir: no CIFAR-10 at {folder}{cifar10.missing_note(self.data_dir)}; run with "
                 f"task.download=true or place the python-version pickles ({cifar10.CIFAR10_URL}) there"
             ) from None
         n = data["train_x"].shape[0]
