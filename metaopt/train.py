@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from metaopt import preemption
 from metaopt.config import resolve_device, validate
 from metaopt.errors import ConfigError, MetaoptError
 from metaopt.loggers import Logger, NullLogger, SafeLogger
@@ -89,6 +91,8 @@ def build(cfg: DictConfig) -> Components:
     """Check the config and build task, model, optimizer and schedule, before any training."""
     validate(cfg)
     device = resolve_device(str(cfg.device))
+    if cfg.trainer.get("deterministic", False):
+        _use_deterministic_algorithms()
     seed_everything(int(cfg.seed))
     task = _build(cfg.task, "task", seed=int(cfg.seed), device=str(device))
     model = task.model.to(device)
@@ -98,6 +102,13 @@ def build(cfg: DictConfig) -> Components:
     scheduler = _call(sched_factory, "scheduler", cfg.scheduler._target_, optimizer)
     callback = _build(cfg.analysis, "analysis") if cfg.get("analysis") else None
     return Components(task, model, optimizer, scheduler, requires_closure(optimizer), device, callback)
+
+
+def _use_deterministic_algorithms() -> None:
+    """Bitwise-reproducible GPU runs (cuDNN convolutions are otherwise nondeterministic); slower."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
 
 
 def fingerprint(cfg: DictConfig) -> str:
@@ -297,8 +308,10 @@ def _run(cfg: DictConfig, c: Components, files: RunFiles, logger: Logger, summar
     try:
         while st.step < steps:
             batch = c.task.batch(st.step)
-            if callback is not None:
+            if callback is not None:  # analysis time is kept off the training clock
+                t0 = time.perf_counter()
                 callback.before_step(st.step, batch, c)
+                clock += time.perf_counter() - t0
             if closure is not None:
                 closure.batch = batch
                 loss = c.optimizer.step(closure)
@@ -312,14 +325,16 @@ def _run(cfg: DictConfig, c: Components, files: RunFiles, logger: Logger, summar
             if c.scheduler is not None:
                 c.scheduler.step()
             if callback is not None:
+                t0 = time.perf_counter()
                 pending.update(callback.after_step(st.step, batch, c) or {})
+                clock += time.perf_counter() - t0
             c.task.advance(st.step)
             st.step += 1
             loss_sum += loss.detach()
             st.loss_count += 1
 
             do_eval = st.step % eval_every == 0 or st.step == steps
-            do_checkpoint = st.step % checkpoint_every == 0 and st.step < steps
+            do_checkpoint = (st.step % checkpoint_every == 0 or preemption.requested()) and st.step < steps
             if not (do_eval or do_checkpoint or st.step % log_every == 0):
                 continue
             now = time.perf_counter()
@@ -348,6 +363,8 @@ def _run(cfg: DictConfig, c: Components, files: RunFiles, logger: Logger, summar
             if do_checkpoint:
                 st.loss_sum = loss_sum.item()
                 save_checkpoint()
+                if preemption.requested():  # SLURM's time-limit/preemption signal: resume from here
+                    preemption.requeue(files, summary)
             clock = time.perf_counter()
     finally:
         progress.close()

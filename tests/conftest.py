@@ -6,11 +6,15 @@ import os
 from collections.abc import Callable
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
 from metaopt.config import config_dir
 
+# Tests use small models: one intra-op thread is faster than two and keeps timings stable when
+# the machine is shared.
+torch.set_num_threads(1)
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
