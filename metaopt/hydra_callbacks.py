@@ -78,7 +78,7 @@ class ClusterJob(Callback):
             log.info("SLURM's warning signal checkpoints at the next step and requeues this job")
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        preemption.uninstall()
+        preemption.job_done()
 
 
 class SweepManifest(Callback):

@@ -21,7 +21,9 @@ Outside submitit (a plain run, the basic launcher) :func:`install` does nothing 
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -49,10 +51,6 @@ def requested() -> bool:
     return _requested
 
 
-def installed() -> bool:
-    return _submitit_handler is not None
-
-
 def install(fallback_s: float | None = 30.0) -> bool:
     """Take over submitit's warning-signal handler in this process; ``False`` outside submitit.
 
@@ -63,6 +61,8 @@ def install(fallback_s: float | None = 30.0) -> bool:
     if _submitit_handler is not None:
         _fallback_s = fallback_s
         return True
+    if not os.environ.get("SUBMITIT_EXECUTOR"):
+        return False  # not a submitit job; spare every plain run the import (~0.1 s)
     try:
         from submitit.core.job_environment import JobEnvironment, SignalHandler
     except ImportError:
@@ -76,12 +76,16 @@ def install(fallback_s: float | None = 30.0) -> bool:
     return True
 
 
-def uninstall() -> None:
-    """Give the signal back to submitit and forget any request (several jobs may share a process)."""
+def job_done() -> None:
+    """The job's task has returned: forget any request, and ignore the signal from now on.
+
+    A signal that comes between here and the end of the process has nothing left to save;
+    submitit's handler would requeue a finished job only for it to return its result again.
+    """
     global _requested, _overdue, _signum, _submitit_handler
     _cancel_timer()
     if _submitit_handler is not None and _signum is not None:
-        signal.signal(_signum, _submitit_handler)
+        signal.signal(_signum, signal.SIG_IGN)
     _requested = _overdue = False
     _signum = _submitit_handler = None
     _hooks.clear()
@@ -92,34 +96,55 @@ def on_requeue(hook: Callable[[], None]) -> None:
     _hooks.append(hook)
 
 
-def requeue(files: Any = None, summary: dict[str, Any] | None = None) -> None:
+def requeue(files: Any = None, summary: dict[str, Any] | None = None, logger: Any = None) -> None:
     """Requeue this job through submitit and leave; call it right after saving the checkpoint.
 
     With ``files`` (:class:`metaopt.runfiles.RunFiles`) and ``summary``, the run's summary is
-    written with ``status: requeued`` first. Raises :class:`Requeued` (a ``SystemExit``) once
-    the job is requeued; submitit's ``UncompletedJobError`` when it may not be requeued any more
-    (``max_num_timeout`` reached), which records the run as failed with that reason. Returns only
-    on a non-zero rank of a multi-task job, which submitit leaves running (rank 0 requeues).
+    written with ``status: requeued`` first; ``logger`` is finished before the requeue, because
+    ``scontrol requeue`` sends SIGTERM to every process of the job, W&B's service among them.
+    Raises :class:`Requeued` (a ``SystemExit``) once the job is requeued; submitit's
+    ``UncompletedJobError`` when it may not be requeued any more (``max_num_timeout`` reached),
+    and the run is then recorded as failed with that reason. Returns only on a non-zero rank of
+    a multi-task job, which submitit leaves running (rank 0 requeues the whole job).
     """
     global _requested
     if _submitit_handler is None or _signum is None:
         raise RuntimeError("preemption.requeue() outside a submitit job")
     _cancel_timer()
     handler, signum = _submitit_handler, _signum
+    if files is not None and summary is not None:
+        summary["status"] = "requeued"
+        files.write_summary(summary)
+    if logger is not None:
+        logger.finish("requeued")
+    _stop_wandb_service()
     try:
-        handler(signum, None)  # checkpoints the Hydra job, runs `scontrol requeue`, then sys.exit
+        handler(signum, None)  # pickles the Hydra job, runs `scontrol requeue`, then sys.exit
     except SystemExit as exc:
         log.warning("job requeued after SLURM's signal; it resumes from the checkpoint in the run dir")
-        if files is not None and summary is not None:
-            summary["status"] = "requeued"
-            files.write_summary(summary)
         for hook in list(_hooks):
             try:
                 hook()
             except Exception as hook_exc:  # noqa: BLE001 - the job is requeued; leave regardless
                 log.warning("requeue hook failed: %s", hook_exc)
         raise Requeued(exc.code) from None
+    except BaseException:
+        if summary is not None:
+            summary["status"] = "running"  # not requeued after all: the loop records the failure
+        raise
     _requested = False
+
+
+def _stop_wandb_service() -> None:
+    """Stop W&B's service process while this process still owns it: the requeue's SIGTERM would
+    kill it first, and W&B's exit hook then fails noisily on the lost connection."""
+    wandb = sys.modules.get("wandb")
+    if wandb is None:
+        return
+    try:
+        wandb.teardown()
+    except Exception as exc:  # noqa: BLE001 - the run's files are written; leave regardless
+        log.debug("wandb.teardown failed: %s", exc)
 
 
 def _on_signal(signum: int, frame: Any) -> None:

@@ -364,7 +364,7 @@ def _run(cfg: DictConfig, c: Components, files: RunFiles, logger: Logger, summar
                 st.loss_sum = loss_sum.item()
                 save_checkpoint()
                 if preemption.requested():  # SLURM's time-limit/preemption signal: resume from here
-                    preemption.requeue(files, summary)
+                    preemption.requeue(files, summary, logger)
             clock = time.perf_counter()
     finally:
         progress.close()

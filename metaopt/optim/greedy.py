@@ -1,0 +1,575 @@
+r"""Online greedy optimizers: SGD+momentum and Adam whose momentum is re-solved during training.
+
+Lee, J. and Lee, K. M., "Greedy Alignment Principle for Optimizer Selection" (arXiv 2512.06370
+v3, 2026; v1/v2 "Optimizing Optimizers for Fast Gradient-Based Learning").
+
+Each step the optimizers update EMA estimates of the gradient autocorrelation at lags 0..K,
+``r_k = E[⟨g_t, g_{t−k}⟩]`` (for Adam seen through its preconditioner), over all parameters or per
+parameter tensor. On the first step and every ``update_every`` steps they re-solve the greedy
+problem of the momentum family, ``β* = argmax √(1−β²) Σ_k β^k r_k``
+(:func:`metaopt.greedy.optimal_momentum`), and use β* until the next solve. The update math lives
+in plain functions over lists of tensors (:func:`greedy_sgd_update`, :func:`greedy_adam_update`);
+the classes gather tensors, keep the statistics and call the solver.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from metaopt.greedy.problems import geometric_tail, momentum_learning_rate, optimal_momentum
+
+__all__ = ["GreedyAdam", "GreedySGD", "greedy_adam_update", "greedy_sgd_update"]
+
+Closure = Callable[[], Any]
+
+# Knobs of the statistics and the solve: one set for the whole optimizer, since in the default
+# (global) mode one β is solved from the statistics of every group together.
+_GREEDY_KEYS = ("horizon", "lags", "update_every", "min_momentum", "max_momentum", "per_block",
+                "fixed_momentum")
+
+
+def greedy_sgd_update(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor],
+                      momenta: list[float], lrs: list[float]) -> None:
+    """Heavy ball as ``torch.optim.SGD`` (no dampening), per tensor: ``m ← βm + g``, ``θ ← θ − lr·m``."""
+    _foreach_mul_scalars(bufs, momenta)
+    torch._foreach_add_(bufs, grads)
+    _foreach_add_scaled(params, bufs, [-lr for lr in lrs])
+
+
+def _scalars(values: list[float]) -> float | list[float]:
+    """One scalar when all agree (one group, global β): the foreach kernels that take a list of
+    scalars cost several times more on CPU than those that take one."""
+    return values[0] if values and all(v == values[0] for v in values) else values
+
+
+def _foreach_mul_scalars(tensors: list[Tensor], scalars: list[float]) -> None:
+    torch._foreach_mul_(tensors, _scalars(scalars))
+
+
+def _foreach_add_scaled(targets: list[Tensor], sources: list[Tensor], scales: list[float]) -> None:
+    """``t ← t + s·x`` per tensor, one fused call per distinct scale (usually one per group)."""
+    if scales and all(x == scales[0] for x in scales):
+        torch._foreach_add_(targets, sources, alpha=scales[0])
+        return
+    buckets: dict[float, list[int]] = {}
+    for i, scale in enumerate(scales):
+        buckets.setdefault(scale, []).append(i)
+    for scale, idx in buckets.items():
+        torch._foreach_add_([targets[i] for i in idx], [sources[i] for i in idx], alpha=scale)
+
+
+def greedy_adam_update(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                       denoms: list[Tensor], beta1s: list[float], avg_weights: list[float],
+                       lrs: list[float]) -> list[float]:
+    """Adam's step with a β₁ that may change between steps; returns the new weights of the EMAs.
+
+    ``m ← β₁m + (1−β₁)g`` and ``c ← β₁c + (1−β₁)`` (``c_0 = 0``), ``θ ← θ − lr·(m/c)/denom``. ``c``
+    is the total weight of the EMA, so ``m/c`` is the bias correction that ``1 − β₁^t`` gives for
+    a constant β₁ (Kingma & Ba 2015), valid for any sequence of β₁.
+    """
+    if beta1s and all(b == beta1s[0] for b in beta1s):
+        torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1s[0])
+    else:
+        torch._foreach_mul_(exp_avgs, beta1s)
+        torch._foreach_add_(exp_avgs, torch._foreach_mul(grads, [1.0 - b for b in beta1s]))
+    weights = [b * c + (1.0 - b) for b, c in zip(beta1s, avg_weights)]
+    steps = _scalars([-lr / c for lr, c in zip(lrs, weights)])
+    if isinstance(steps, list):
+        torch._foreach_addcdiv_(params, exp_avgs, denoms, steps)
+    else:
+        torch._foreach_addcdiv_(params, exp_avgs, denoms, value=steps)
+    return weights
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _validate_greedy(hp: dict[str, Any]) -> None:
+    def check(name: str, ok: bool, rule: str, label: str | None = None) -> None:
+        if not ok:
+            raise ValueError(f"Invalid {label or name}: {hp[name]!r} (must be {rule})")
+
+    # "learning rate" as torch.optim words it, so that one pattern matches every optimizer.
+    check("lr", _is_real(hp["lr"]) and hp["lr"] >= 0, ">= 0", "learning rate (lr)")
+    check("weight_decay", _is_real(hp["weight_decay"]) and hp["weight_decay"] >= 0, ">= 0")
+    check("horizon", _is_real(hp["horizon"]) and hp["horizon"] >= 1, ">= 1 (steps)")
+    check("lags", _is_int(hp["lags"]) and hp["lags"] >= 1, "an int >= 1")
+    check("update_every", _is_int(hp["update_every"]) and hp["update_every"] >= 1, "an int >= 1")
+    check("min_momentum", _is_real(hp["min_momentum"]) and 0 <= hp["min_momentum"] < 1, "in [0, 1)")
+    check("max_momentum", _is_real(hp["max_momentum"]) and hp["min_momentum"] <= hp["max_momentum"] < 1,
+          "in [min_momentum, 1)")
+    check("per_block", isinstance(hp["per_block"], bool), "a bool")
+    fixed = hp["fixed_momentum"]
+    check("fixed_momentum", fixed is None or (_is_real(fixed) and 0 <= fixed < 1), "None or in [0, 1)")
+
+
+class _GreedyMomentum(torch.optim.Optimizer):
+    """Statistics, solves and diagnostics shared by :class:`GreedySGD` and :class:`GreedyAdam`.
+
+    The statistics keep one ring buffer of the last K + 1 gradients of *all* parameters, flattened
+    in group order, so that each step costs one copy, one matrix-vector product and one EMA
+    update whatever the number of tensors (per tensor in ``per_block`` mode: one product each).
+    A tensor without a gradient at a step counts as a zero gradient there (and, as in torch.optim,
+    is not moved). All parameters must be on one device; a parameter group added after the first
+    step restarts the statistics.
+    """
+
+    def __init__(self, params: Any, defaults: dict[str, Any]):
+        self._validate(defaults)
+        super().__init__(params, defaults)
+
+    def _validate(self, hp: dict[str, Any]) -> None:
+        _validate_greedy(hp)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        self._validate(self.param_groups[-1])
+        first, last = self.param_groups[0], self.param_groups[-1]
+        for name in _GREEDY_KEYS + getattr(self, "_shared_keys", ()):
+            if last[name] != first[name]:
+                raise ValueError(
+                    f"Invalid {name}: {last[name]!r} in parameter group {len(self.param_groups) - 1} "
+                    f"differs from {first[name]!r} in group 0 (the statistics and the momentum "
+                    "solve span all groups, so it must be equal in every group)")
+
+    # ---- state ----------------------------------------------------------------------------
+
+    def _all_params(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def _global_state(self) -> dict[str, Any]:
+        # Optimizer-wide values live in the first parameter's state (as torch.optim.LBFGS does),
+        # so that state_dict() carries them; python numbers are not cast by load_state_dict.
+        state = self.state[self.param_groups[0]["params"][0]]
+        state.setdefault("greedy_step", 0)
+        state.setdefault("num_solves", 0)
+        state.setdefault("solve", {})
+        return state
+
+    def _statistics(self, params: list[Tensor]) -> dict[str, Any]:
+        """The global state, with ring and EMAs (re)built if the parameter layout is new."""
+        glob = self._global_state()
+        hp = self.param_groups[0]
+        layout = [p.numel() for p in params]
+        if glob.get("layout") != layout:
+            first = params[0]
+            if any(p.device != first.device for p in params):
+                raise RuntimeError(f"{type(self).__name__} needs all parameters on one device "
+                                   "(its statistics concatenate their gradients)")
+            blocks = len(params) if hp["per_block"] else 1
+            glob["layout"] = layout
+            glob["lag_ring"] = torch.zeros(hp["lags"] + 1, sum(layout), dtype=first.dtype,
+                                           device=first.device)
+            glob["autocorr"] = torch.zeros(hp["lags"] + 1, blocks, dtype=first.dtype,
+                                           device=first.device)
+            glob["samples"] = 0
+        return glob
+
+    def _param_state(self, p: Tensor) -> dict[str, Any]:
+        state = self.state[p]
+        if "momentum" not in state:
+            hp = self.param_groups[0]
+            fixed = hp["fixed_momentum"]
+            state["momentum"] = float(hp["min_momentum"] if fixed is None else fixed)
+            state["lr_scale"] = 1.0
+        return state
+
+    def _accumulate(self, params: list[Tensor], grads: list[Tensor | None],
+                    probes: list[Tensor | None] | None) -> dict[str, Any]:
+        """Write this step's gradients into the ring and update the EMAs of lags 0..K.
+
+        ``probes`` (Adam: ``P g``) replace the current gradient on the left of ``⟨·, g_{t−k}⟩``.
+        The EMAs are kept in time order (row ``i`` is lag ``K − i``): the ring read from the slot
+        after the newest one is then time-ordered too, in at most two contiguous pieces
+        (:meth:`_ring_views`), and each piece updates its EMAs with one fused ``addmv``
+        (``ema ← (1−w)·ema + w·ring·probe``).
+        """
+        hp = self.param_groups[0]
+        glob = self._statistics(params)
+        ring, samples = glob["lag_ring"], glob["samples"]
+        slots = ring.shape[0]
+        row, pieces = self._ring_views(glob, samples % slots, samples + 1 >= slots)
+        torch.cat([t.reshape(-1) if t is not None else p.new_zeros(p.numel())
+                   for t, p in zip(grads, params)], out=row)
+        if probes is None:
+            probe = row
+        else:
+            probe = torch.cat([t.reshape(-1) if t is not None else p.new_zeros(p.numel())
+                               for t, p in zip(probes, params)]).to(ring.dtype)
+        w = 1.0 / float(hp["horizon"])
+        for rows, emas, columns in pieces:
+            if columns is None:
+                emas.addmv_(rows, probe, beta=1.0 - w, alpha=w)
+            else:
+                for block_rows, block_ema, (a, b) in zip(rows, emas, columns):
+                    block_ema.addmv_(block_rows, probe[a:b], beta=1.0 - w, alpha=w)
+        glob["samples"] = samples + 1
+        return glob
+
+    def _ring_views(self, glob: dict[str, Any], pos: int, full: bool) -> tuple[Tensor, list[tuple]]:
+        """Slot ``pos`` of the ring, and the ``(ring rows, EMAs, column ranges)`` pieces to update
+        after writing it; cached.
+
+        Rows ``pos+1..`` hold the older lags ``K..pos+1``, rows ``0..pos`` the lags ``pos..0``;
+        before the stream is K + 1 long (``full`` false) the older rows are unwritten and their
+        EMAs wait. The views are cached per slot because building them costs more per step, on a
+        small model, than the products themselves. In ``per_block`` mode each piece is a list of
+        per-tensor views and the column ranges of the tensors.
+        """
+        ring, ema = glob["lag_ring"], glob["autocorr"]
+        base = getattr(self, "_view_base", None)
+        if base is None or base[0] is not ring or base[1] is not ema:
+            self._view_base, self._view_cache = (ring, ema), {}
+        key = (pos, full)
+        if key not in self._view_cache:
+            slots = ring.shape[0]
+            pieces = [(ring[:pos + 1], ema[slots - 1 - pos:])]
+            if full and pos + 1 < slots:
+                pieces.append((ring[pos + 1:], ema[:slots - 1 - pos]))
+            if self.param_groups[0]["per_block"]:
+                bounds, start = [], 0
+                for n in glob["layout"]:
+                    bounds.append((start, start + n))
+                    start += n
+                views = [([rows[:, a:b] for a, b in bounds], [e[:, i] for i in range(len(bounds))], bounds)
+                         for rows, e in pieces]
+            else:
+                views = [(rows, e[:, 0], None) for rows, e in pieces]
+            self._view_cache[key] = (ring[pos], views)
+        return self._view_cache[key]
+
+    # ---- the solve ------------------------------------------------------------------------
+
+    def _solve(self, params: list[Tensor]) -> None:
+        """Re-solve β (and, for ``lr_rule="motion"``, the lr scale) from the current statistics."""
+        hp = self.param_groups[0]
+        glob = self._global_state()
+        decay = 1.0 - 1.0 / float(hp["horizon"])
+        samples = glob["samples"]
+        live = min(samples, hp["lags"] + 1)  # lags seen at least once
+        # Debiased as statistics.ema_debiased does, in numpy: the arrays are tiny and numpy's
+        # per-call cost is a fraction of torch's.
+        ema = glob["autocorr"].T.flip(1)[:, :live].to("cpu", torch.float64).numpy()  # lag order
+        r = ema / -np.expm1((samples - np.arange(live)) * math.log(decay))
+        if not np.isfinite(r).all():
+            return  # a non-finite gradient reached the statistics; keep the last solution
+        tail = geometric_tail(r)
+        # Two zooms of 33 points locate β* to ~1e-4·(1−β*), far below what the statistics resolve.
+        sol = optimal_momentum(r, hp["min_momentum"], hp["max_momentum"], tail=tail,
+                               refinements=2, zoom=33)
+        fixed = hp["fixed_momentum"]
+        betas = sol.momentum if fixed is None else np.full_like(sol.momentum, fixed)
+        # Python lists: indexing numpy scalars one at a time costs more than the solve's maths.
+        betas_l, scales_l = betas.tolist(), self._lr_scales(r, betas, tail).tolist()
+        usable = (r[:, 0] > 0).tolist()  # no signal (zero gradients): keep the current β
+        per_block = hp["per_block"]
+        for i, p in enumerate(params):
+            j = i if per_block else 0
+            if usable[j]:
+                state = self._param_state(p)
+                state["momentum"], state["lr_scale"] = betas_l[j], scales_l[j]
+        glob["num_solves"] += 1
+        total = r.sum(0).tolist()
+        solved, ratios = sol.momentum.tolist(), sol.tail_ratio.tolist()
+        info: dict[str, Any] = {"momentum_solved": sum(solved) / len(solved),
+                                "objective": sum(sol.objective.tolist()),
+                                "tail_ratio": sum(ratios) / len(ratios), "r0": total[0]}
+        for k in range(1, hp["lags"] + 1):
+            info[f"acf_{k}"] = total[k] / total[0] if k < live and total[0] > 0 else math.nan
+        glob["solve"] = info
+
+    def _lr_scales(self, r: np.ndarray, betas: np.ndarray, tail: tuple[np.ndarray, np.ndarray]
+                   ) -> np.ndarray:
+        del r, tail
+        return np.ones_like(betas)
+
+    def _due(self, step: int) -> bool:
+        return step == 1 or step % self.param_groups[0]["update_every"] == 0
+
+    # ---- reporting ------------------------------------------------------------------------
+
+    def diagnostics(self) -> dict[str, Any]:
+        """The chosen hyperparameters and the statistics of the last solve, as python floats.
+
+        Keys: ``momentum`` (β in use; in ``per_block`` mode the mean over tensors, with
+        ``momentum_min``/``momentum_max``), ``momentum_solved`` (the greedy β*, equal to
+        ``momentum`` unless ``fixed_momentum`` holds β), ``objective`` (J(β*), summed over blocks),
+        ``tail_ratio`` (geometric continuation beyond lag K), ``r0`` (``E‖g‖²``; for Adam the
+        preconditioned ``E[gᵀPg]``), ``acf_1..acf_K`` (``r_k/r_0`` of all tensors together), for
+        GreedySGD with ``lr_rule="motion"`` ``lr_eff`` (first group's lr times its scale), and the
+        counts ``num_solves`` and ``steps`` since the start of training (they survive
+        ``state_dict()``). NaN before the first step.
+        """
+        glob = self._global_state()
+        hp = self.param_groups[0]
+        out: dict[str, Any] = {"momentum": math.nan, "momentum_solved": math.nan,
+                               "objective": math.nan, "tail_ratio": math.nan, "r0": math.nan}
+        out.update({f"acf_{k}": math.nan for k in range(1, hp["lags"] + 1)})
+        out.update(glob["solve"])
+        betas = [s["momentum"] for s in self.state.values() if "momentum" in s]
+        if betas:
+            out["momentum"] = sum(betas) / len(betas)
+            if hp["per_block"]:
+                out["momentum_min"], out["momentum_max"] = min(betas), max(betas)
+        out.update(self._extra_diagnostics())
+        out["num_solves"] = int(glob["num_solves"])
+        out["steps"] = int(glob["greedy_step"])
+        return out
+
+    def _extra_diagnostics(self) -> dict[str, Any]:
+        return {}
+
+    # ---- step -----------------------------------------------------------------------------
+
+    def step(self, closure: Closure | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        with torch.no_grad():
+            self._step()
+        return loss
+
+    def _gather(self) -> tuple[list[Tensor], list[Tensor | None]]:
+        params = self._all_params()
+        grads = [p.grad for p in params]
+        for p, g in zip(params, grads):
+            if g is not None and g.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            if p.is_complex():
+                raise RuntimeError(f"{type(self).__name__} does not support complex parameters")
+        return params, grads
+
+    def _step(self) -> None:  # pragma: no cover - defined by subclasses
+        raise NotImplementedError
+
+
+def _with_weight_decay(params: list[Tensor], grads: list[Tensor | None],
+                       groups: list[dict[str, Any]]) -> list[Tensor | None]:
+    """``g + λθ`` (L2, as torch.optim) where the parameter's group has ``weight_decay`` λ > 0."""
+    return [g if g is None or group["weight_decay"] == 0 else g.add(p, alpha=group["weight_decay"])
+            for p, g, group in zip(params, grads, groups)]
+
+
+class GreedySGD(_GreedyMomentum):
+    r"""SGD with heavy-ball momentum chosen online by the greedy principle (Lee & Lee, arXiv 2512.06370).
+
+    .. code-block:: text
+
+        g ← ∇L + λθ                                  # weight_decay λ (L2, as torch.optim.SGD)
+        r̂_k ← EMA_horizon(⟨g_t, g_{t−k}⟩), k = 0..K  # bias-corrected; all tensors or per tensor
+        at step 1 and every update_every steps:
+            β ← argmax_{β∈[β_min, β_max]} √(1−β²) Σ_k β^k r̂_k     # tail beyond K: geometric
+        m ← βm + g ;  θ ← θ − lr·s·m                # s = 1, or lr_rule="motion": s = 1/√Ê‖m‖²
+
+    The score is the loss-drop rate of the unit-energy exponential filter; the update is the
+    heavy ball of ``torch.optim.SGD`` with that β, as the paper's dynamic momentum rule applies it
+    (with β held constant the optimizer is ``torch.optim.SGD(momentum=β)``). At step 1 only lag 0
+    exists and the solve returns ``min_momentum``; until lag K has been seen, the lags seen are used.
+
+    Args:
+      params: parameters or parameter groups (``lr`` and ``weight_decay`` may differ per group).
+      lr: learning rate; with ``lr_rule="motion"`` the expected motion per step instead.
+      weight_decay: L2 coefficient added to the gradient.
+      horizon: EMA time constant of the statistics, in steps.
+      lags: K, the number of lags estimated.
+      update_every: steps between solves.
+      min_momentum, max_momentum: bounds of the solve.
+      per_block: solve one β per parameter tensor from its own statistics, instead of one β from
+        the sum over all tensors.
+      lr_rule: ``"fixed"`` (lr as given) or ``"motion"``: the learning rate is re-solved with β as
+        ``lr/√Ê‖m‖²`` (:func:`metaopt.greedy.momentum_learning_rate`), the greedy learning rate under
+        an expected-motion budget of ``lr`` per step (normalised SGD with momentum).
+      fixed_momentum: if set, β is held at this value instead of solved (statistics and
+        diagnostics continue, ``momentum_solved`` shows the greedy choice): the optimizer is then
+        ``torch.optim.SGD(momentum=β)``, the baseline of a momentum sweep on the same code path.
+
+    Warning: a non-finite gradient enters the EMAs and stays there; solves are then skipped and
+    the last β kept.
+
+    Memory: K + 2 tensors the size of the parameters (lag ring and momentum buffer).
+    """
+
+    _shared_keys = ("lr_rule",)
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 0.05,
+        weight_decay: float = 0.0,
+        horizon: float = 100.0,
+        lags: int = 8,
+        update_every: int = 10,
+        min_momentum: float = 0.0,
+        max_momentum: float = 0.99,
+        per_block: bool = False,
+        lr_rule: str = "fixed",
+        fixed_momentum: float | None = None,
+    ):
+        defaults = dict(lr=lr, weight_decay=weight_decay, horizon=horizon, lags=lags,
+                        update_every=update_every, min_momentum=min_momentum,
+                        max_momentum=max_momentum, per_block=per_block, lr_rule=lr_rule,
+                        fixed_momentum=fixed_momentum)
+        super().__init__(params, defaults)
+
+    def _validate(self, hp: dict[str, Any]) -> None:
+        _validate_greedy(hp)
+        if hp["lr_rule"] not in ("fixed", "motion"):
+            raise ValueError(f"Invalid lr_rule: {hp['lr_rule']!r} (must be 'fixed' or 'motion')")
+
+    def _lr_scales(self, r: np.ndarray, betas: np.ndarray, tail: tuple[np.ndarray, np.ndarray]
+                   ) -> np.ndarray:
+        if self.param_groups[0]["lr_rule"] == "fixed":
+            return np.ones_like(betas)
+        return momentum_learning_rate(r, betas[:, None], 1.0, tail)[:, 0]
+
+    def _extra_diagnostics(self) -> dict[str, Any]:
+        if self.param_groups[0]["lr_rule"] != "motion":
+            return {}
+        first = self.state.get(self.param_groups[0]["params"][0], {})
+        return {"lr_eff": float(self.param_groups[0]["lr"]) * float(first.get("lr_scale", math.nan))}
+
+    def _step(self) -> None:
+        params, grads = self._gather()
+        if all(g is None for g in grads):
+            return
+        groups = [group for group in self.param_groups for _ in group["params"]]
+        grads = _with_weight_decay(params, grads, groups)
+        glob = self._accumulate(params, grads, None)
+        glob["greedy_step"] += 1
+        if self._due(glob["greedy_step"]):
+            self._solve(params)
+        active = [i for i, g in enumerate(grads) if g is not None]
+        states = [self._param_state(params[i]) for i in active]
+        for i, state in zip(active, states):
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(params[i], memory_format=torch.preserve_format)
+        greedy_sgd_update([params[i] for i in active], [grads[i] for i in active],
+                          [s["momentum_buffer"] for s in states], [s["momentum"] for s in states],
+                          [groups[i]["lr"] * s["lr_scale"] for i, s in zip(active, states)])
+
+
+class GreedyAdam(_GreedyMomentum):
+    r"""Adam (or AdamW) with β₁ chosen online by the greedy principle (Lee & Lee, arXiv 2512.06370).
+
+    .. code-block:: text
+
+        v ← β₂v + (1−β₂)g² ;  P = 1/(√(v/(1−β₂^t)) + ε)      # Adam's diagonal preconditioner
+        r̃_k ← EMA_horizon(⟨P g_t, g_{t−k}⟩), k = 0..K       # the autocorrelation seen through P
+        at step 1 and every update_every steps:
+            β₁ ← argmax √(1−β²) Σ_k β^k r̃_k
+        m ← β₁m + (1−β₁)g ;  c ← β₁c + (1−β₁) ;  θ ← θ − lr·P·m/c
+
+    Adam's motion is ``P·Σ_k (1−β₁)β₁^k g_{t−k}``: the exponential family filtered through P, so
+    the loss-drop rate is ``Σ_k q_k⟨P, R_k⟩`` and β₁ is ranked by the same unit-energy score as SGD's
+    momentum, on the preconditioned autocorrelation. ``c`` generalises Adam's bias correction
+    ``1 − β₁^t`` to a β₁ that changes. The diagonal preconditioner is itself the greedy optimizer
+    under a per-coordinate motion budget (:func:`metaopt.greedy.diagonal_optimizer`).
+
+    Args:
+      params: parameters or parameter groups (``lr``, ``weight_decay`` may differ per group).
+      lr: learning rate.
+      beta2: decay of the second-moment EMA.
+      eps: added to ``√v̂``.
+      weight_decay: L2 coefficient added to the gradient, or with ``decoupled_weight_decay``
+        the AdamW decay ``θ ← θ(1 − lr·λ)`` (Loshchilov & Hutter 2019).
+      horizon, lags, update_every, min_momentum, max_momentum, per_block: as :class:`GreedySGD`
+        (``min_momentum``/``max_momentum`` bound β₁).
+      fixed_momentum: if set, β₁ is held at this value (the optimizer is then
+        ``torch.optim.Adam(betas=(β₁, beta2))``); statistics and diagnostics continue.
+
+    Memory: K + 3 tensors the size of the parameters (lag ring, m, v).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        beta2: float = 0.999,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        decoupled_weight_decay: bool = False,
+        horizon: float = 100.0,
+        lags: int = 8,
+        update_every: int = 10,
+        min_momentum: float = 0.0,
+        max_momentum: float = 0.99,
+        per_block: bool = False,
+        fixed_momentum: float | None = None,
+    ):
+        defaults = dict(lr=lr, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                        decoupled_weight_decay=decoupled_weight_decay, horizon=horizon, lags=lags,
+                        update_every=update_every, min_momentum=min_momentum,
+                        max_momentum=max_momentum, per_block=per_block,
+                        fixed_momentum=fixed_momentum)
+        super().__init__(params, defaults)
+
+    def _validate(self, hp: dict[str, Any]) -> None:
+        _validate_greedy(hp)
+        if not (_is_real(hp["beta2"]) and 0 <= hp["beta2"] < 1):
+            raise ValueError(f"Invalid beta2: {hp['beta2']!r} (must be in [0, 1))")
+        if not (_is_real(hp["eps"]) and hp["eps"] >= 0):
+            raise ValueError(f"Invalid eps: {hp['eps']!r} (must be >= 0)")
+        if not isinstance(hp["decoupled_weight_decay"], bool):
+            raise ValueError(f"Invalid decoupled_weight_decay: {hp['decoupled_weight_decay']!r} "
+                             "(must be a bool)")
+
+    def _step(self) -> None:
+        params, grads = self._gather()
+        if all(g is None for g in grads):
+            return
+        groups = [group for group in self.param_groups for _ in group["params"]]
+        coupled = [{"weight_decay": 0.0} if g["decoupled_weight_decay"] else g for g in groups]
+        grads = _with_weight_decay(params, grads, coupled)
+        active = [i for i, g in enumerate(grads) if g is not None]
+        states = [self._param_state(params[i]) for i in active]
+        for i, state in zip(active, states):
+            if "exp_avg" not in state:
+                state["exp_avg"] = torch.zeros_like(params[i], memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(params[i], memory_format=torch.preserve_format)
+                state["avg_weight"] = 0.0
+                state["adam_step"] = 0
+            state["adam_step"] += 1
+        act_params = [params[i] for i in active]
+        act_grads = [grads[i] for i in active]
+        act_groups = [groups[i] for i in active]
+        sq = [s["exp_avg_sq"] for s in states]
+        beta2 = _scalars([g["beta2"] for g in act_groups])
+        torch._foreach_mul_(sq, beta2)
+        if isinstance(beta2, list):
+            torch._foreach_addcmul_(sq, act_grads, act_grads, [1.0 - b for b in beta2])
+        else:
+            torch._foreach_addcmul_(sq, act_grads, act_grads, value=1.0 - beta2)
+        denoms = torch._foreach_div(sq, _scalars([1.0 - g["beta2"] ** s["adam_step"]
+                                                  for g, s in zip(act_groups, states)]))
+        torch._foreach_sqrt_(denoms)
+        torch._foreach_add_(denoms, _scalars([g["eps"] for g in act_groups]))
+        probes: list[Tensor | None] = [None] * len(params)
+        for i, pg in zip(active, torch._foreach_div(act_grads, denoms)):
+            probes[i] = pg
+        glob = self._accumulate(params, grads, probes)
+        glob["greedy_step"] += 1
+        if self._due(glob["greedy_step"]):
+            self._solve(params)
+        decoupled = [(p, g) for p, g in zip(act_params, act_groups)
+                     if g["decoupled_weight_decay"] and g["weight_decay"] != 0]
+        if decoupled:
+            torch._foreach_mul_([p for p, _ in decoupled],
+                                [1.0 - g["lr"] * g["weight_decay"] for _, g in decoupled])
+        weights = greedy_adam_update(act_params, act_grads, [s["exp_avg"] for s in states], denoms,
+                                     [s["momentum"] for s in states],
+                                     [s["avg_weight"] for s in states], [g["lr"] for g in act_groups])
+        for state, w in zip(states, weights):
+            state["avg_weight"] = w

@@ -1,0 +1,244 @@
+"""The report's figures (matplotlib, Agg backend, PNG).
+
+Curves are of each optimizer's chosen setting: at every logged step, the median over seeds with a
+min–max band. A seed that diverged (or failed) counts as +∞ after its last record, so the median
+line stops once half the seeds are gone instead of following the survivors; the band covers the
+seeds still running, and an × marks where a seed ended.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from metaopt.report.analysis import MEASURES, TAU_MAX, Analysis, Profile, Setting, Target  # noqa: E402
+from metaopt.report.runs import Run  # noqa: E402
+
+X_LABELS = {"steps": "steps", "time": "training time (s, evaluation excluded)",
+            "passes": "passes (forward + backward)"}
+# Effective learning rate, in order of preference: what adaptive methods report, else the lr
+# the scheduler sets (the same for every step of a constant schedule).
+LR_KEYS = ("opt/lr_eff", "opt/alpha", "lr")
+_COLS = 3
+
+
+def _x(record: dict, measure: str) -> float:
+    if measure == "steps":
+        return float(record["step"])
+    if measure == "time":
+        return float(record.get("time", math.nan))
+    return float(record.get("passes/forward", 0) + record.get("passes/backward", 0))
+
+
+def aggregate(runs: list[Run], key: str, measure: str = "steps", worst: float = math.inf):
+    """(x, median, low, high, n_alive) over seeds at each step where some run logged ``key``."""
+    per_step: dict[int, list[tuple[float, float]]] = defaultdict(list)
+    ended: list[int] = []  # last step of runs that died
+    for run in runs:
+        last = 0
+        for r in run.records:
+            y = r.get(key)
+            if isinstance(y, (int, float)) and "step" in r:
+                per_step[int(r["step"])].append((_x(r, measure), float(y)))
+                last = int(r["step"])
+        if run.status in ("diverged", "failed"):
+            ended.append(last)
+    if not per_step:
+        return None
+    steps = sorted(per_step)
+    xs, med, lo, hi, alive = [], [], [], [], []
+    for s in steps:
+        pts = [(x, y) for x, y in per_step[s] if math.isfinite(y)]
+        dead = sum(e < s for e in ended) + sum(not math.isfinite(y) for _, y in per_step[s])
+        ys = [y for _, y in pts] + [worst] * dead
+        finite_x = [x for x, _ in per_step[s] if math.isfinite(x)]
+        xs.append(float(np.median(finite_x)) if finite_x else math.nan)
+        med.append(float(np.median(ys)) if ys else math.nan)
+        lo.append(min((y for _, y in pts), default=math.nan))
+        hi.append(max((y for _, y in pts), default=math.nan))
+        alive.append(len(pts))
+    return np.array(xs), np.array(med), np.array(lo), np.array(hi), np.array(alive)
+
+
+def _ends(runs: list[Run], key: str, measure: str) -> list[tuple[float, float]]:
+    """Where diverged/failed runs stopped: their last finite point of ``key``."""
+    out = []
+    for run in runs:
+        if run.status not in ("diverged", "failed"):
+            continue
+        pts = [(_x(r, measure), r[key]) for r in run.records
+               if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        if pts:
+            out.append(pts[-1])
+    return out
+
+
+def colours(analysis: Analysis) -> dict[str, tuple]:
+    cmap = plt.get_cmap("tab10" if len(analysis.optimizers) <= 10 else "tab20")
+    return {m: cmap(i % cmap.N) for i, m in enumerate(analysis.optimizers)}
+
+
+def _label(s: Setting) -> str:
+    bad = s.count("diverged") + s.count("failed")
+    text = f"{s.optimizer} {s.setting}".strip()
+    return f"{text} ({bad}/{s.n_runs} failed)" if bad else text
+
+
+def _log_if_wide(ax, values: list[np.ndarray]) -> None:
+    ys = np.concatenate([v[np.isfinite(v)] for v in values]) if values else np.array([])
+    if ys.size and ys.min() > 0 and ys.max() / ys.min() > 20:
+        ax.set_yscale("log")
+
+
+def _grid(n_tasks: int, rows_per_task: int, width: float = 4.2, height: float = 3.0):
+    cols = min(max(n_tasks, 1), _COLS)
+    blocks = math.ceil(max(n_tasks, 1) / cols)
+    fig, axes = plt.subplots(rows_per_task * blocks, cols, figsize=(width * cols, height * rows_per_task * blocks),
+                             squeeze=False)
+    return fig, axes, cols
+
+
+def _panel(ax, settings: list[Setting], key: str, measure: str, colour: dict, worst: float) -> list[np.ndarray]:
+    drawn = []
+    for s in settings:
+        agg = aggregate(s.runs, key, measure, worst)
+        if agg is None:
+            continue
+        x, med, lo, hi, _ = agg
+        c = colour[s.optimizer]
+        ax.plot(x, np.where(np.isfinite(med), med, np.nan), color=c, lw=1.6, label=_label(s))
+        ax.fill_between(x, lo, hi, color=c, alpha=0.18, lw=0)
+        ends = _ends(s.runs, key, measure)
+        if ends:
+            ax.plot(*zip(*ends), "x", color=c, ms=7, mew=2)
+        drawn += [med, lo, hi]
+    return drawn
+
+
+def loss_curves(analysis: Analysis, measure: str, path: Path) -> Path:
+    """Train loss (top row of each block) and the validation metric (below) against ``measure``."""
+    tasks = analysis.tasks
+    colour = colours(analysis)
+    fig, axes, cols = _grid(len(tasks), 2)
+    for i, task in enumerate(tasks):
+        target: Target = analysis.targets[task]
+        chosen = analysis.chosen(task)
+        ax_train = axes[2 * (i // cols), i % cols]
+        ax_val = axes[2 * (i // cols) + 1, i % cols]
+        _log_if_wide(ax_train, _panel(ax_train, chosen, "train/loss", measure, colour, math.inf))
+        drawn = _panel(ax_val, chosen, target.metric, measure, colour, target.worst)
+        if target.value is not None:
+            ax_val.axhline(target.value, color="0.35", ls="--", lw=1, label=f"target ({target.source})")
+            drawn.append(np.array([target.value]))
+        _log_if_wide(ax_val, drawn)
+        ax_train.set_title(task, fontsize=10)
+        ax_train.set_ylabel("train loss")
+        ax_val.set_ylabel(target.metric)
+        ax_val.set_xlabel(X_LABELS[measure])
+        for ax in (ax_train, ax_val):
+            ax.grid(alpha=0.3, which="both")
+        if ax_val.has_data():
+            ax_val.legend(fontsize=7, loc="best")
+    _hide_unused(axes, len(tasks), cols, 2)
+    fig.suptitle(f"Loss against {measure}: median over seeds, band min–max, × a diverged seed", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _hide_unused(axes, n_tasks: int, cols: int, rows_per_task: int) -> None:
+    for j in range(n_tasks, axes.shape[1] * (axes.shape[0] // rows_per_task)):
+        for k in range(rows_per_task):
+            axes[rows_per_task * (j // cols) + k, j % cols].set_visible(False)
+
+
+def lr_key(runs: list[Run]) -> str | None:
+    for key in LR_KEYS:
+        if any(isinstance(r.get(key), (int, float)) for run in runs for r in run.records):
+            return key
+    return None
+
+
+def lr_curves(analysis: Analysis, path: Path) -> Path:
+    tasks = analysis.tasks
+    colour = colours(analysis)
+    fig, axes, cols = _grid(len(tasks), 1)
+    for i, task in enumerate(tasks):
+        ax = axes[i // cols, i % cols]
+        drawn = []
+        for s in analysis.chosen(task):
+            key = lr_key(s.runs)
+            if key is None:
+                continue
+            agg = aggregate(s.runs, key, "steps", math.nan)
+            if agg is None:
+                continue
+            x, med, lo, hi, _ = agg
+            c = colour[s.optimizer]
+            adaptive = key != "lr"
+            ax.plot(x, med, color=c, lw=1.6 if adaptive else 1.2, ls="-" if adaptive else "--",
+                    label=f"{s.optimizer} ({key})")
+            if adaptive:
+                ax.fill_between(x, lo, hi, color=c, alpha=0.18, lw=0)
+            drawn += [med, lo, hi]
+        ys = np.concatenate([v[np.isfinite(v)] for v in drawn]) if drawn else np.array([])
+        if ys.size and ys.min() > 0:
+            ax.set_yscale("log")
+        ax.set_title(task, fontsize=10)
+        ax.set_xlabel("steps")
+        ax.set_ylabel("effective learning rate")
+        ax.grid(alpha=0.3, which="both")
+        if ax.has_data():
+            ax.legend(fontsize=7, loc="best")
+    _hide_unused(axes, len(tasks), cols, 1)
+    fig.suptitle("Effective learning rate: solid = adaptive (opt/lr_eff, opt/alpha), dashed = scheduled lr",
+                 fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def profile_plot(analysis: Analysis, profiles: dict[str, Profile], path: Path) -> Path:
+    colour = colours(analysis)
+    fig, axes = plt.subplots(1, len(MEASURES), figsize=(4.6 * len(MEASURES), 3.6), squeeze=False)
+    for ax, measure in zip(axes[0], MEASURES):
+        prof = profiles[measure]
+        finite = [x for r in prof.ratios.values() for x in r if math.isfinite(x)]
+        tau_hi = max([TAU_MAX, *finite]) * 1.15
+        taus = np.unique(np.concatenate([[1.0, tau_hi], finite]))
+        for k, m in enumerate(prof.methods):
+            rho = [prof.rho(m, t) for t in taus]
+            # Later lines thinner, so methods with the same profile stay visible underneath.
+            ax.step(taus, rho, where="post", color=colour[m], lw=3.0 - 1.8 * k / max(len(prof.methods), 1),
+                    label=f"{m} (score {prof.score(m):.2f})")
+        ax.axvline(TAU_MAX, color="0.6", ls=":", lw=1)
+        ax.set_xscale("log")
+        ax.set_xlim(1, tau_hi)
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_xlabel(f"τ (time to target / best, in {measure})")
+        ax.set_ylabel("fraction of tasks")
+        ax.set_title(f"{measure} to target ({len(prof.tasks)} tasks)", fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle("Performance profiles (never reached or diverged = ∞; score = ∫₁⁴ ρ dτ / 3, AlgoPerf)",
+                 fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def all_figures(analysis: Analysis, profiles: dict[str, Profile], out: Path) -> dict[str, Path]:
+    figures = {f"loss_vs_{m}": loss_curves(analysis, m, out / f"loss_vs_{m}.png") for m in MEASURES}
+    figures["lr_eff"] = lr_curves(analysis, out / "lr_eff.png")
+    figures["profile"] = profile_plot(analysis, profiles, out / "profile.png")
+    return figures

@@ -1,0 +1,289 @@
+"""The online greedy optimizers (GreedySGD, GreedyAdam): torch equivalence with β held, recovery of
+the analytic momentum on synthetic gradient streams, state, diagnostics, configs and experiments."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+
+from metaopt.config import config_dir
+from metaopt.greedy import LagAutocorrelation, ar1_autocorrelation, ar1_optimal_momentum, ar1_stream
+from metaopt.optim import GreedyAdam, GreedySGD
+from metaopt.train import train
+
+
+def mlp_problem(seed: int = 0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    x, y = torch.randn(64, 5), torch.randint(0, 3, (64,))
+    return model, lambda m: torch.nn.functional.cross_entropy(m(x), y)
+
+
+def run(model, loss_fn, opt, steps: int) -> list[float]:
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = loss_fn(model)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def feed(opt, params, grads) -> None:
+    """One optimizer step on given gradients (a synthetic stream; lr = 0 keeps θ fixed)."""
+    for p, g in zip(params, grads):
+        p.grad = g.to(p.dtype).reshape(p.shape).clone()
+    opt.step()
+
+
+# ---- with β held, the classes are torch.optim's ---------------------------------------------
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
+def test_fixed_momentum_is_torch_sgd(weight_decay):
+    a, loss_fn = mlp_problem()
+    b = copy.deepcopy(a)
+    run(a, loss_fn, torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9, weight_decay=weight_decay), 30)
+    run(b, loss_fn, GreedySGD(b.parameters(), lr=0.1, fixed_momentum=0.9, weight_decay=weight_decay), 30)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q)
+
+
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_fixed_momentum_is_torch_adam(decoupled):
+    a, loss_fn = mlp_problem()
+    b = copy.deepcopy(a)
+    ref = (torch.optim.AdamW if decoupled else torch.optim.Adam)(
+        a.parameters(), lr=1e-2, betas=(0.8, 0.99), eps=1e-8, weight_decay=1e-2)
+    run(a, loss_fn, ref, 30)
+    run(b, loss_fn, GreedyAdam(b.parameters(), lr=1e-2, beta2=0.99, fixed_momentum=0.8, weight_decay=1e-2,
+                               decoupled_weight_decay=decoupled), 30)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q)
+
+
+def test_changing_beta1_keeps_adams_bias_correction_exact():
+    """With the running EMA weight c, m/c is the weighted mean of the gradients for any β₁ sequence."""
+    p = torch.zeros(3, requires_grad=True)
+    opt = GreedyAdam([p], lr=0.0, update_every=1, min_momentum=0.0, max_momentum=0.99)
+    gs = [torch.randn(3) for _ in range(6)]
+    weights, m, c = [], torch.zeros(3), 0.0
+    for g in gs:
+        feed(opt, [p], [g])
+        beta = opt.state[p]["momentum"]
+        m = beta * m + (1 - beta) * g
+        c = beta * c + (1 - beta)
+        weights.append(c)
+    torch.testing.assert_close(opt.state[p]["exp_avg"] / opt.state[p]["avg_weight"], m / c)
+    assert opt.state[p]["avg_weight"] == pytest.approx(weights[-1])
+
+
+# ---- the online choice on streams with known statistics -------------------------------------
+
+
+@pytest.mark.parametrize("cls", [GreedySGD, GreedyAdam])
+@pytest.mark.parametrize("rho,snr", [(0.9, 0.5), (0.95, 4.0)])
+def test_online_choice_recovers_the_analytic_momentum_of_an_ar1_stream(cls, rho, snr):
+    """AR(1) signal (decay ρ) in white noise: β* solves σ_s²(ρ − β) = σ_n²β(1 − ρβ)²."""
+    dim, steps = 256, 2500
+    stream = ar1_stream(rho, snr, 1.0, steps, dim, torch.Generator().manual_seed(1))
+    p = torch.zeros(dim, requires_grad=True)
+    opt = cls([p], lr=0.0, horizon=1000.0, lags=8)
+    for g in stream:
+        feed(opt, [p], [g])
+    d = opt.diagnostics()
+    beta_star = ar1_optimal_momentum(rho, snr, 1.0)
+    assert abs(d["momentum"] - beta_star) < 0.03, (d["momentum"], beta_star)
+    if cls is GreedySGD:  # Adam's r̃ is seen through P ≈ 1/√(1 + snr), the same shape
+        truth = ar1_autocorrelation(rho, snr, 1.0, 8)
+        for k in (1, 4, 8):
+            assert d[f"acf_{k}"] == pytest.approx(float(truth[k] / truth[0]), abs=0.04)
+        assert d["r0"] / dim == pytest.approx(1.0 + snr, rel=0.1)
+    assert d["num_solves"] == 1 + steps // 10 and d["steps"] == steps
+
+
+@pytest.mark.parametrize("per_block", [False, True])
+def test_online_statistics_equal_the_reference_estimator(per_block):
+    """The optimizer's fused ring/EMA bookkeeping computes what LagAutocorrelation computes."""
+    gen = torch.Generator().manual_seed(6)
+    a, b = torch.zeros(7, requires_grad=True), torch.zeros(2, 3, requires_grad=True)
+    opt = GreedySGD([a, b], lr=0.0, lags=3, horizon=5.0, update_every=1, per_block=per_block)
+    ref = LagAutocorrelation(13, lags=3, horizon=5.0)
+    for step in range(1, 31):  # steps 1..3 fill the ring: the partial phase
+        g = torch.randn(13, generator=gen, dtype=torch.float64)
+        feed(opt, [a, b], [g[:7], g[7:]])
+        ref.update(g)
+        expect, d = ref.value(), opt.diagnostics()
+        assert d["r0"] == pytest.approx(float(expect[0]), rel=1e-5)
+        for k in range(1, 4):
+            if step > k:
+                assert d[f"acf_{k}"] == pytest.approx(float(expect[k] / expect[0]), rel=1e-4, abs=1e-6)
+            else:
+                assert math.isnan(d[f"acf_{k}"])
+
+
+def test_per_block_gives_each_tensor_its_own_momentum():
+    gen = torch.Generator().manual_seed(2)
+    fast = ar1_stream(0.5, 1.0, 0.0, 1500, 64, gen)
+    slow = ar1_stream(0.95, 1.0, 0.0, 1500, 64, gen)
+    a, b = torch.zeros(64, requires_grad=True), torch.zeros(8, 8, requires_grad=True)
+    opt = GreedySGD([a, b], lr=0.0, per_block=True, horizon=1000.0)
+    for ga, gb in zip(fast, slow):
+        feed(opt, [a, b], [ga, gb])
+    assert opt.state[a]["momentum"] == pytest.approx(0.5, abs=0.05)
+    assert opt.state[b]["momentum"] == pytest.approx(0.95, abs=0.02)
+    d = opt.diagnostics()
+    assert d["momentum_min"] == opt.state[a]["momentum"] and d["momentum_max"] == opt.state[b]["momentum"]
+
+
+def test_white_noise_gives_no_momentum_and_the_motion_rule_gives_normalised_sgd():
+    gen = torch.Generator().manual_seed(3)
+    p = torch.zeros(100, requires_grad=True)
+    opt = GreedySGD([p], lr=0.1, lr_rule="motion", horizon=500.0)
+    before = p.detach().clone()
+    for _ in range(400):
+        feed(opt, [p], [2.0 * torch.randn(100, generator=gen)])
+    d = opt.diagnostics()
+    assert d["momentum"] < 0.05
+    # E‖g‖² = 400: the step that moves 0.1 per step on average is 0.1/20.
+    assert d["lr_eff"] == pytest.approx(0.1 / 20.0, rel=0.1)
+    assert not torch.equal(before, p.detach())
+
+
+def test_fixed_momentum_still_reports_the_greedy_choice():
+    stream = ar1_stream(0.9, 1.0, 0.0, 300, 32, torch.Generator().manual_seed(4))
+    p = torch.zeros(32, requires_grad=True)
+    opt = GreedySGD([p], lr=0.0, fixed_momentum=0.3)
+    for g in stream:
+        feed(opt, [p], [g])
+    d = opt.diagnostics()
+    assert d["momentum"] == 0.3 and d["momentum_solved"] == pytest.approx(0.9, abs=0.05)
+
+
+# ---- robustness, state, diagnostics -------------------------------------------------------------
+
+
+def test_nonfinite_gradient_keeps_the_last_momentum():
+    stream = ar1_stream(0.9, 1.0, 0.0, 50, 16, torch.Generator().manual_seed(5))
+    p = torch.zeros(16, requires_grad=True)
+    opt = GreedySGD([p], lr=0.0, update_every=5)
+    for g in stream:
+        feed(opt, [p], [g])
+    beta, solves = opt.diagnostics()["momentum"], opt.diagnostics()["num_solves"]
+    bad = stream[0].clone()
+    bad[3] = math.inf
+    for _ in range(10):
+        feed(opt, [p], [bad])
+    assert opt.diagnostics()["momentum"] == beta and opt.diagnostics()["num_solves"] == solves
+
+
+def test_a_parameter_without_gradient_is_not_moved():
+    model, loss_fn = mlp_problem()
+    unused = torch.nn.Parameter(torch.ones(4))
+    opt = GreedyAdam([*model.parameters(), unused], lr=1e-2)
+    run(model, loss_fn, opt, 15)
+    torch.testing.assert_close(unused.detach(), torch.ones(4))
+    assert math.isfinite(opt.diagnostics()["momentum"])
+
+
+@pytest.mark.parametrize("cls", [GreedySGD, GreedyAdam])
+def test_state_dict_carries_the_statistics_and_the_choice(cls):
+    model, loss_fn = mlp_problem()
+    opt = cls(model.parameters(), lr=1e-2, update_every=3, per_block=True)
+    run(model, loss_fn, opt, 14)
+    saved, snapshot = copy.deepcopy(opt.state_dict()), copy.deepcopy(model.state_dict())
+    diag = opt.diagnostics()
+    later = run(model, loss_fn, opt, 7)
+
+    model2, _ = mlp_problem()
+    model2.load_state_dict(snapshot)
+    opt2 = cls(model2.parameters(), lr=1e-2, update_every=3, per_block=True)
+    opt2.load_state_dict(saved)
+    first = opt2.state[next(iter(model2.parameters()))]
+    assert {"lag_ring", "autocorr", "samples", "layout"} <= set(first)
+    assert opt2.diagnostics() == pytest.approx(diag, nan_ok=True)
+    assert run(model2, loss_fn, opt2, 7) == later
+
+
+def test_diagnostics_are_python_numbers_named_by_the_docstring():
+    model, loss_fn = mlp_problem()
+    opt = GreedySGD(model.parameters(), lr=0.1, lags=3)
+    nan_before = opt.diagnostics()
+    assert math.isnan(nan_before["momentum"]) and nan_before["num_solves"] == 0
+    run(model, loss_fn, opt, 12)
+    d = opt.diagnostics()
+    assert {"momentum", "momentum_solved", "objective", "tail_ratio", "r0", "acf_1", "acf_2", "acf_3",
+            "num_solves", "steps"} <= set(d)
+    assert all(isinstance(v, (int, float)) for v in d.values())
+    assert d["num_solves"] == 2 and d["steps"] == 12
+
+
+def test_greedy_knobs_must_agree_across_groups():
+    a, b = torch.zeros(2, requires_grad=True), torch.zeros(2, requires_grad=True)
+    with pytest.raises(ValueError, match="lags"):
+        GreedySGD([{"params": [a]}, {"params": [b], "lags": 3}], lr=0.1)
+    with pytest.raises(ValueError, match="fixed_momentum"):
+        GreedyAdam([a], fixed_momentum=1.0)
+    GreedySGD([{"params": [a]}, {"params": [b], "lr": 0.5, "weight_decay": 0.1}], lr=0.1)
+
+
+# ---- configs, the training loop, the experiments ------------------------------------------------
+
+
+def test_training_loop_logs_the_chosen_momentum(make_cfg, tmp_path):
+    train(make_cfg("task=two_moons", "optimizer=greedy_adam"), run_dir=tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all("opt/momentum" in r and "opt/acf_1" in r for r in records)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "completed"
+
+
+EXPERIMENTS = ["greedy_mnist1d", "greedy_two_moons", "greedy_quadratic"]
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiments_compose_as_sweeps_of_greedy_against_fixed_momentum(name, data_dir):
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"experiment={name}", f"paths.data_dir={data_dir}",
+                                                       "logger=none"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    assert params["optimizer"] == "greedy_sgd,greedy_adam"
+    assert params["optimizer.fixed_momentum"] == "null,0.0,0.5,0.9,0.95,0.99"
+    assert cfg.optimizer._target_ == "metaopt.optim.GreedySGD" and cfg.trainer.steps == 3000
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiments_run_tiny(make_cfg, tmp_path, name):
+    cfg = make_cfg(f"experiment={name}", "optimizer=greedy_adam")
+    with open_dict(cfg):
+        cfg.trainer.steps = 20
+    assert math.isfinite(train(cfg, run_dir=tmp_path))
+
+
+@pytest.mark.slow
+def test_sweep_then_comparison_table_and_momentum_plot(tmp_path, data_dir):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    sweep = tmp_path / "sweep"
+    subprocess.run([sys.executable, "-m", "metaopt", "-m", "experiment=greedy_two_moons", "logger=none",
+                    "trainer.progress=none", "trainer.steps=40", "trainer.eval_every=20", "seed=0",
+                    "optimizer.fixed_momentum=null,0.9", f"paths.data_dir={data_dir}",
+                    f"hydra.sweep.dir={sweep}"], check=True, cwd=tmp_path, env=env, capture_output=True)
+    out = subprocess.run([sys.executable, "-m", "metaopt.experiments.greedy_compare", str(sweep)],
+                         check=True, capture_output=True, text=True, env=env).stdout
+    assert "| TwoMoons | Adam | 0.001 | val |" in out and "| TwoMoons | SGD+momentum | 0.05 | train_tail |" in out
+    results = json.loads((sweep / "greedy_results.json").read_text())
+    assert len(results["runs"]) == 4 and len(results["rows"]) == 2
+    assert all(r["val"]["best_fixed_momentum"] == 0.9 for r in results["rows"])
+    assert (sweep / "greedy_momentum.png").stat().st_size > 0
+    assert Path(sweep / "greedy_table.md").read_text() in out

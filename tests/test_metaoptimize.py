@@ -1,0 +1,550 @@
+"""Tests of metaopt.optim.metaoptimize (Sharifnassab, Salehkaleybar and Sutton, ICML 2025)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import metaopt.train as train_module
+from metaopt.optim import MetaOptimize, MetaOptimizeFull, requires_closure
+from metaopt.optim.metaoptimize import meta_update
+from metaopt.train import train
+
+# The exact-HVP paths use loss.backward(create_graph=True), as a user of variant="full" would.
+pytestmark = pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def small_model(dtype=torch.float32):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 2)).to(dtype)
+
+
+DATA = (torch.randn(32, 5, generator=torch.Generator().manual_seed(1)),
+        torch.randn(32, 2, generator=torch.Generator().manual_seed(2)))
+
+
+def train_steps(model, opt, steps, closure_style=False):
+    x, y = DATA
+    for t in range(steps):
+        xb, yb = x[t % 4 * 8:(t % 4 + 1) * 8], y[t % 4 * 8:(t % 4 + 1) * 8]
+
+        def closure(xb=xb, yb=yb):
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(xb), yb)
+            loss.backward()
+            return loss
+
+        if closure_style:
+            opt.step(closure)
+        else:
+            closure()
+            opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+# ---- meta="fixed" is the base optimizer -------------------------------------------------------
+
+TORCH_TWINS = [
+    ("sgd", {}, lambda ps, fe: torch.optim.SGD(ps, lr=0.03, foreach=fe), 0.03),
+    ("sgdm", {"momentum": 0.5}, lambda ps, fe: torch.optim.SGD(ps, lr=0.03, momentum=0.5, foreach=fe), 0.03),
+    ("rmsprop", {"rho": 0.9, "eps": 1e-6},
+     lambda ps, fe: torch.optim.RMSprop(ps, lr=3e-3, alpha=0.9, eps=1e-6, foreach=fe), 3e-3),
+    ("adam", {}, lambda ps, fe: torch.optim.Adam(ps, lr=3e-3, foreach=fe), 3e-3),
+    ("adam", {"weight_decay": 0.1, "betas": (0.8, 0.99), "eps": 1e-6},
+     lambda ps, fe: torch.optim.AdamW(ps, lr=3e-3, weight_decay=0.1, betas=(0.8, 0.99), eps=1e-6, foreach=fe), 3e-3),
+]
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["single", "foreach"])
+@pytest.mark.parametrize("base,kwargs,twin,lr", TORCH_TWINS, ids=[f"{b}-{len(k)}" for b, k, _, _ in TORCH_TWINS])
+def test_fixed_meta_follows_torch_optim_bit_for_bit(base, kwargs, twin, lr, foreach):
+    reference = train_steps(model := small_model(), twin(model.parameters(), foreach), 25)
+    model = small_model()
+    ours = train_steps(model, MetaOptimize(model.parameters(), base=base, meta="fixed", alpha0=lr,
+                                           foreach=foreach, **kwargs), 25)
+    for a, b in zip(reference, ours):
+        assert torch.equal(a, b)
+
+
+def test_fixed_meta_sgd_weight_decay_is_torch_sgd_up_to_rounding():
+    # torch.optim.SGD adds λθ to the gradient: the same step as decoupled decay for plain SGD.
+    reference = train_steps(model := small_model(), torch.optim.SGD(model.parameters(), lr=0.03, weight_decay=0.1), 25)
+    model = small_model()
+    ours = train_steps(model, MetaOptimize(model.parameters(), base="sgd", meta="fixed", alpha0=0.03,
+                                           weight_decay=0.1), 25)
+    for a, b in zip(reference, ours):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_fixed_meta_lion_follows_the_lion_rule():
+    lr, wd, (b1, b2) = 1e-3, 0.1, (0.9, 0.99)
+    model = small_model()
+    params = list(model.parameters())
+    moments = [torch.zeros_like(p) for p in params]
+
+    class Lion(torch.optim.Optimizer):  # the rule as Chen et al. (2023) state it, one line each
+        def __init__(self, ps):
+            super().__init__(ps, {})
+
+        @torch.no_grad()
+        def step(self):
+            for p, m in zip(params, moments):
+                p.mul_(1 - lr * wd).add_(torch.sign(b1 * m + (1 - b1) * p.grad), alpha=-lr)
+                m.mul_(b2).add_(p.grad, alpha=1 - b2)
+
+    reference = train_steps(model, Lion(params), 25)
+    model = small_model()
+    ours = train_steps(model, MetaOptimize(model.parameters(), base="lion", meta="fixed", alpha0=lr,
+                                           weight_decay=wd), 25)
+    for a, b in zip(reference, ours):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+# ---- the trace and the meta-gradient ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["single", "foreach"])
+@pytest.mark.parametrize("base", ["sgd", "sgdm", "rmsprop", "adam", "lion"])
+@pytest.mark.parametrize("gamma", [0.9, 0.05], ids=["gamma0.9", "gamma0.05-folds"])
+def test_hessian_free_trace_is_the_discounted_sum_of_steps(base, foreach, gamma):
+    # γ = 0.05 drives the trace's scale below its floor within the run, so it is folded in.
+    wd, alpha = 0.05, 1e-2
+    model = small_model(torch.float64)
+    opt = MetaOptimize(model.parameters(), base=base, meta="fixed", alpha0=alpha, gamma=gamma, weight_decay=wd,
+                       foreach=foreach)
+    expected = [torch.zeros_like(p) for p in model.parameters()]
+    x, y = DATA
+    for _ in range(6):
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x.double()), y.double()).backward()
+        opt.step()
+        # h_{t+1} = γ(1 − αλ)h_t − (θ_t − θ_{t+1})
+        expected = [gamma * (1 - alpha * wd) * h + (p.detach() - b)
+                    for h, p, b in zip(expected, model.parameters(), before)]
+    for h, p in zip(expected, model.parameters()):
+        torch.testing.assert_close(opt.trace(p), h)
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["single", "foreach"])
+def test_meta_gradient_is_trace_dot_gradient_before_the_step(foreach):
+    model = small_model(torch.float64)
+    opt = MetaOptimize(model.parameters(), meta="fixed", alpha0=1e-2, foreach=foreach)
+    x, y = DATA
+    for _ in range(4):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x.double()), y.double()).backward()
+        traces = [opt.trace(p) for p in model.parameters()]
+        expected = sum(float((h * p.grad).sum()) for h, p in zip(traces, model.parameters()))
+        opt.step()
+        assert opt.diagnostics()["meta_grad"] == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
+def quadratic_1d(a: float):
+    return lambda x: 0.5 * a * (x**2).sum()
+
+
+def heavy_ball_losses(a: float, theta0: float, betas: list[float], mu: float = 0.0) -> list[float]:
+    """f(θ_t) for t = 0..len(betas) under b ← μb + aθ, θ ← θ − exp(β_t)·b (float64 python)."""
+    theta, buf, losses = theta0, 0.0, []
+    for beta in betas:
+        losses.append(0.5 * a * theta * theta)
+        buf = mu * buf + a * theta
+        theta -= math.exp(beta) * buf
+    losses.append(0.5 * a * theta * theta)
+    return losses
+
+
+def discounted_future_sensitivities(a, theta0, beta, steps, gamma, mu=0.0, delta=1e-6):
+    """Σ_s ∂F_s/∂β_s by central differences, F_s = Σ_{t>s} γ^{t−1−s} f(θ_t), β_s alone perturbed."""
+    total = 0.0
+    for s in range(steps):
+        values = []
+        for sign in (1, -1):
+            betas = [beta] * steps
+            betas[s] += sign * delta
+            losses = heavy_ball_losses(a, theta0, betas, mu)
+            values.append(sum(gamma ** (t - 1 - s) * losses[t] for t in range(s + 1, steps + 1)))
+        total += (values[0] - values[1]) / (2 * delta)
+    return total
+
+
+@pytest.mark.parametrize("alpha", [0.1, 0.7], ids=["too-small", "too-large"])
+@pytest.mark.parametrize("gamma", [1.0, 0.8])
+@pytest.mark.parametrize("hvp", ["exact", "difference"])
+@pytest.mark.parametrize("base", ["sgd", "sgdm"])
+def test_full_hypergradient_matches_finite_difference_of_discounted_future_loss(alpha, gamma, hvp, base):
+    # 1-D quadratic f = ½aθ²; αa = 0.2 (step too small) or 1.4 (too large: SGD oscillates).
+    a, theta0, steps = 2.0, 1.5, 12
+    mu = 0.3 if base == "sgdm" else 0.0
+    x = torch.tensor([theta0], dtype=torch.float64, requires_grad=True)
+    extra = {"momentum": mu} if base == "sgdm" else {}
+    opt = MetaOptimize([x], base=base, meta="fixed", alpha0=alpha, gamma=gamma, variant="full", **extra)
+    f = quadratic_1d(a)
+    z = []
+    for _ in range(steps + 1):
+        if hvp == "exact":
+            opt.zero_grad()
+            f(x).backward(create_graph=True)
+            opt.step()
+        else:
+            def closure():
+                opt.zero_grad()
+                loss = f(x)
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+        z.append(opt.diagnostics()["meta_grad"])
+    # z_t = Σ_{s<t} γ^{t−1−s} ∂f(θ_t)/∂β_s, so Σ_{t=1..T} z_t = Σ_s ∂F_s/∂β_s.
+    expected = discounted_future_sensitivities(a, theta0, math.log(alpha), steps, gamma, mu)
+    tol = 1e-6 if hvp == "exact" else 1e-4
+    assert sum(z[1:]) == pytest.approx(expected, rel=tol)
+    if base == "sgd":
+        assert math.copysign(1, expected) == (1 if alpha * a > 1 else -1)
+
+
+@pytest.mark.parametrize("alpha", [0.1, 0.7], ids=["too-small", "too-large"])
+def test_hessian_free_hypergradient_has_the_right_sign_on_a_1d_quadratic(alpha):
+    a, theta0, steps, gamma = 2.0, 1.5, 12, 1.0
+    x = torch.tensor([theta0], dtype=torch.float64, requires_grad=True)
+    opt = MetaOptimize([x], base="sgd", meta="fixed", alpha0=alpha, gamma=gamma)
+    z = []
+    for _ in range(steps + 1):
+        opt.zero_grad()
+        quadratic_1d(a)(x).backward()
+        opt.step()
+        z.append(opt.diagnostics()["meta_grad"])
+    expected = discounted_future_sensitivities(a, theta0, math.log(alpha), steps, gamma)
+    assert math.copysign(1, sum(z[1:])) == math.copysign(1, expected)
+
+
+def test_full_sgdm_trace_is_the_exact_derivative_of_theta():
+    # With one block and γ = 1 the full trace is dθ_T/dβ for a constant β: check it against a
+    # central difference of whole SGDm trajectories on a 2-D quadratic.
+    hessian = torch.tensor([[3.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
+    theta0 = torch.tensor([1.0, -2.0], dtype=torch.float64)
+
+    def run(alpha, steps=8):
+        x = theta0.clone().requires_grad_(True)
+        opt = MetaOptimize([x], base="sgdm", meta="fixed", alpha0=alpha, gamma=1.0, variant="full",
+                           momentum=0.7, weight_decay=0.1)
+        for _ in range(steps):
+            opt.zero_grad()
+            (0.5 * x @ hessian @ x).backward(create_graph=True)
+            opt.step()
+        return x.detach(), opt.trace(x)
+
+    beta, delta = math.log(0.05), 1e-6
+    _, trace = run(math.exp(beta))
+    plus, _ = run(math.exp(beta + delta))
+    minus, _ = run(math.exp(beta - delta))
+    torch.testing.assert_close(trace, (plus - minus) / (2 * delta), rtol=1e-6, atol=1e-9)
+
+
+def test_meta_update_rules():
+    # Lion moves β by exactly lr·sign; Adam and RMSProp move it by lr on their first step.
+    beta, state = meta_update("lion", 0.0, 3.0, {}, lr=0.1, betas=(0.9, 0.99))
+    assert beta == pytest.approx(-0.1) and state["meta_exp_avg"] == pytest.approx(0.03)
+    assert meta_update("lion", 0.0, 0.0, {}, lr=0.1, betas=(0.9, 0.99))[0] == 0.0
+    assert meta_update("adam", 1.0, -1e-9, {}, lr=0.1, betas=(0.9, 0.999), eps=1e-12)[0] == pytest.approx(1.1, rel=1e-3)
+    assert meta_update("rmsprop", 1.0, 5.0, {}, lr=0.1, rho=0.999, eps=1e-12)[0] == pytest.approx(0.9)
+    assert meta_update("fixed", 1.0, 5.0, {"x": 1}, lr=0.1) == (1.0, {"x": 1})
+    state = {"meta_exp_avg": 1.0}
+    meta_update("lion", 0.0, -5.0, state, lr=0.1, betas=(0.9, 0.99))
+    assert state == {"meta_exp_avg": 1.0}  # the caller's state is not modified
+
+
+def test_step_size_moves_up_when_too_small_and_down_when_too_large():
+    # A deterministic quadratic (eigenvalues 1..10): SGD is stable below α = 0.2.
+    scales = torch.linspace(1.0, 10.0, 10, dtype=torch.float64)
+    for alpha0, direction in ((1e-3, 1), (0.19, -1)):
+        x = torch.zeros(10, dtype=torch.float64, requires_grad=True)
+        opt = MetaOptimize([x], base="sgd", alpha0=alpha0, meta_lr=1e-2, gamma=0.99)
+        for _ in range(30):
+            opt.zero_grad()
+            (0.5 * (scales * (x - 1) ** 2).sum()).backward()
+            opt.step()
+        assert direction * (opt.alphas()[0] - alpha0) > 0
+
+
+def test_nonfinite_meta_gradient_leaves_beta_unchanged():
+    x = torch.ones(3, requires_grad=True)
+    opt = MetaOptimize([x], alpha0=1e-2, meta_lr=0.1)
+    for value in (1.0, float("inf")):
+        x.grad = torch.full((3,), value)
+        opt.step()
+    diag = opt.diagnostics()
+    assert diag["num_nonfinite_meta"] == 1 and diag["alpha"] == pytest.approx(1e-2)
+
+
+# ---- blocks, groups, state -------------------------------------------------------------------
+
+
+def test_layerwise_blocks_learn_one_step_size_per_tensor_and_round_trip():
+    model = small_model()
+    opt = MetaOptimize(model.parameters(), blocks="layerwise", alpha0=1e-2, meta_lr=0.05)
+    train_steps(model, opt, 10)
+    diag = opt.diagnostics()
+    alphas = opt.alphas()
+    assert len(alphas) == 4 and len(set(alphas)) > 1
+    assert [diag[f"alpha/{i}"] for i in range(4)] == alphas
+    assert diag["alpha_min"] == min(alphas) and diag["alpha"] == pytest.approx(math.exp(sum(map(math.log, alphas)) / 4))
+
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    reference = train_steps(model, opt, 5)
+    model2 = small_model()
+    model2.load_state_dict(saved_model)
+    opt2 = MetaOptimize(model2.parameters(), blocks="layerwise", alpha0=1e-2, meta_lr=0.05)
+    opt2.load_state_dict(saved_opt)
+    for a, b in zip(reference, train_steps(model2, opt2, 5)):
+        assert torch.equal(a, b)
+    assert opt2.alphas() == opt.alphas()
+
+
+@pytest.mark.parametrize("blocks", ["scalar", "layerwise", [3, 1]])
+def test_foreach_and_single_tensor_paths_agree_when_learning(blocks):
+    # Two groups with different weight decay, so that buckets split within a block.
+    runs = []
+    for foreach in (False, True):
+        model = small_model()
+        w1, b1, w2, b2 = model.parameters()
+        opt = MetaOptimize([{"params": [w1, b1, w2]}, {"params": [b2], "weight_decay": 0.1}], base="lion",
+                           blocks=blocks, alpha0=1e-2, meta_lr=0.05, meta="adam", foreach=foreach)
+        runs.append((train_steps(model, opt, 12), opt.alphas()))
+    for a, b in zip(runs[0][0], runs[1][0]):
+        torch.testing.assert_close(a, b)
+    assert runs[0][1] == pytest.approx(runs[1][1], rel=1e-5)
+
+
+def test_block_lists_and_groupwise_blocks():
+    model = small_model()
+    opt = MetaOptimize(model.parameters(), blocks=[2, 2], alpha0=1e-2, meta_lr=0.05)
+    train_steps(model, opt, 5)
+    assert len(opt.alphas()) == 2
+    w1, b1, w2, b2 = small_model().parameters()
+    opt = MetaOptimize([{"params": [w1, b1]}, {"params": [w2, b2], "alpha0": 1e-3, "weight_decay": 0.1}],
+                       blocks="groupwise", alpha0=1e-2)
+    assert opt.alphas() == [1e-2, 1e-3]
+    with pytest.raises(ValueError, match="blocks"):
+        MetaOptimize(small_model().parameters(), blocks=[1, 2])
+    with pytest.raises(ValueError, match="alpha0"):
+        MetaOptimize([{"params": [w1]}, {"params": [w2], "alpha0": 1e-3}], alpha0=1e-2)
+    with pytest.raises(ValueError, match="gamma"):
+        MetaOptimize([{"params": [w1]}, {"params": [w2], "gamma": 0.5}])
+
+
+@pytest.mark.parametrize("bad,pattern", [
+    ({"base": "sgd", "betas": (0.9, 0.99)}, "betas"),
+    ({"base": "adam", "rho": 0.9}, "rho"),
+    ({"base": "lion", "eps": 1e-8}, "eps"),
+    ({"meta": "lion", "meta_eps": 1e-8}, "meta_eps"),
+    ({"meta": "adam", "meta_betas": (0.9, 1.0)}, "meta_betas parameter at index 1"),
+    ({"blocks": "rowwise"}, "blocks"),
+    ({"blocks": [1, 0]}, "blocks"),
+    ({"gamma": True}, "gamma"),
+    ({"alpha0": float("nan")}, "alpha0"),
+    ({"variant": "full", "base": "lion"}, "variant"),
+    ({"variant": "full", "base": "sgd", "foreach": True}, "foreach"),
+    ({"foreach": 1}, "foreach"),
+])
+def test_options_the_chosen_optimizers_do_not_use_or_bad_values_are_rejected(bad, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        MetaOptimize([torch.zeros(2, requires_grad=True)], **bad)
+
+
+def test_resolved_hyperparameters_are_in_the_param_groups():
+    opt = MetaOptimize([torch.zeros(2, requires_grad=True)], base="lion", meta="adam", blocks=[1])
+    group = opt.param_groups[0]
+    assert group["betas"] == (0.9, 0.99) and group["meta_betas"] == (0.9, 0.999) and group["eps"] is None
+    assert "lr" not in group
+
+
+# ---- the full variant: closure, HVPs, random state --------------------------------------------
+
+
+def test_full_variant_declares_and_needs_a_closure():
+    x = torch.ones(3, requires_grad=True)
+    opt = MetaOptimize([x], base="sgdm", variant="full")
+    assert isinstance(opt, MetaOptimizeFull) and requires_closure(opt)
+    assert not requires_closure(MetaOptimize([x]))
+    (x**2).sum().backward()
+    with pytest.raises(RuntimeError, match="closure"):
+        opt.step()
+    copy.deepcopy(opt)  # deepcopy/pickle rebuild the subclass without arguments
+
+
+def test_difference_and_exact_hvps_agree_and_random_state_is_restored():
+    # A quadratic loss with a random multiplicative factor consumed per evaluation: both closure
+    # calls of a step must see the same draw, and the generator must end where one call leaves it.
+    hessian = torch.tensor([[3.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
+
+    def make():
+        x = torch.tensor([1.0, -2.0], dtype=torch.float64, requires_grad=True)
+        return x, MetaOptimize([x], base="sgdm", variant="full", alpha0=0.05, meta_lr=0.01, gamma=0.9)
+
+    def loss_of(x):
+        return (1 + 0.1 * torch.rand(())) * 0.5 * x @ hessian @ x
+
+    x1, opt1 = make()
+    torch.manual_seed(5)
+    for _ in range(6):
+        def closure():
+            opt1.zero_grad()
+            loss = loss_of(x1)
+            loss.backward()
+            return loss
+        opt1.step(closure)
+    after_difference = torch.rand(())
+
+    x2, opt2 = make()
+    torch.manual_seed(5)
+    for _ in range(6):
+        opt2.zero_grad()
+        loss_of(x2).backward(create_graph=True)
+        opt2.step()
+    after_exact = torch.rand(())
+    assert after_difference == after_exact
+    torch.testing.assert_close(x1.detach(), x2.detach(), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(opt1.state[x1]["momentum_trace"], opt2.state[x2]["momentum_trace"],
+                               rtol=1e-5, atol=1e-8)
+
+
+# ---- through the training loop ---------------------------------------------------------------
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("name", ["metaoptimize", "metaoptimize_sgdm", "metaoptimize_blockwise", "metaoptimize_full"])
+def test_every_config_trains_and_logs_its_step_sizes(make_cfg, tmp_path, name):
+    train(make_cfg("task=two_moons", f"optimizer={name}"), run_dir=tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    assert summary["status"] == "completed"
+    assert all("opt/alpha" in r and "opt/meta_grad" in r for r in records)
+    assert records[-1]["opt/alpha"] != 1e-3  # β moved
+    if name == "metaoptimize_full":
+        # one extra forward and backward per step for the HVP, none on the first (h = 0)
+        assert summary["passes"] == {"forward": 39, "backward": 39}
+    if name == "metaoptimize_blockwise":
+        assert "opt/alpha/5" in records[-1]
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_interrupted_then_resumed_run_equals_uninterrupted(make_cfg, tmp_path, monkeypatch):
+    overrides = ("task=mnist1d", "optimizer=metaoptimize", "trainer.steps=30", "trainer.checkpoint_every=10",
+                 "trainer.log_every=3")
+    train(make_cfg(*overrides), run_dir=tmp_path / "full")
+    real_update = train_module.Progress.update
+
+    def interrupt(self, step, metrics):
+        real_update(self, step, metrics)
+        if step >= 17:
+            raise Interrupt
+
+    monkeypatch.setattr(train_module.Progress, "update", interrupt)
+    with pytest.raises(Interrupt):
+        train(make_cfg(*overrides), run_dir=tmp_path / "cut")
+    monkeypatch.setattr(train_module.Progress, "update", real_update)
+    train(make_cfg(*overrides), run_dir=tmp_path / "cut")
+
+    def strip(records):
+        return [{k: v for k, v in r.items() if k != "time"} for r in records]
+
+    assert strip(read_jsonl(tmp_path / "cut" / "metrics.jsonl")) == strip(read_jsonl(tmp_path / "full" / "metrics.jsonl"))
+
+
+# ---- the claim, on a small budget ------------------------------------------------------------
+
+
+def _noisy_quadratic_run(make_opt, steps: int):
+    """Adam-family optimizer on metaopt's noisy quadratic; (tail loss, tail α geometric mean)."""
+    from metaopt.tasks import NoisyQuadratic
+
+    task = NoisyQuadratic(seed=0)
+    opt = make_opt(task.model.parameters())
+    losses, log_alphas = [], []
+    for t in range(steps):
+        opt.zero_grad()
+        loss = task.loss(None)
+        loss.backward()
+        opt.step()
+        task.advance(t)
+        if t >= 0.8 * steps:
+            losses.append(loss.item())
+            if isinstance(opt, MetaOptimize):
+                log_alphas.append(math.log(opt.alphas()[0]))
+    alpha = math.exp(sum(log_alphas) / len(log_alphas)) if log_alphas else math.nan
+    return sum(losses) / len(losses), alpha
+
+
+@pytest.mark.slow
+def test_step_size_recovers_from_100x_too_small_and_too_large_on_the_noisy_quadratic():
+    """From the best constant lr / 100 and × 100, α ends at least halfway there (in log) and the
+    loss beats Adam left at the starting lr by far.
+
+    Not asserted, because it does not hold here: a final loss within 10% of the best constant
+    lr's. The Hessian-free trace settles α about 6x below the best constant lr on this moving
+    target (see the closing note of issue 4: 1.68x the best loss at 10k steps).
+    """
+    steps = 2500
+    grid = {lr: _noisy_quadratic_run(lambda ps, lr=lr: torch.optim.Adam(ps, lr=lr), steps)[0]
+            for lr in (0.3, 1.0, 3.0, 10.0)}
+    best = min(grid, key=grid.get)
+    for alpha0 in (best / 100, best * 100):
+        loss, alpha = _noisy_quadratic_run(lambda ps, a=alpha0: MetaOptimize(ps, alpha0=a, meta_lr=1e-2), steps)
+        fixed, _ = _noisy_quadratic_run(lambda ps, a=alpha0: torch.optim.Adam(ps, lr=a), steps)
+        assert abs(math.log(alpha / best)) < 0.5 * abs(math.log(alpha0 / best)), (alpha0, alpha, best)
+        assert loss < 0.5 * fixed, (alpha0, loss, fixed)
+
+
+# ---- the experiments and the study script ----------------------------------------------------
+
+
+@pytest.mark.parametrize("name,task", [("metaoptimize_mnist1d", "Mnist1D"), ("metaoptimize_quadratic", "NoisyQuadratic"),
+                                       ("metaoptimize_resnet", "ResNetCIFAR10")])
+def test_experiments_compose_as_sweeps_against_the_base_optimizers(name, task, data_dir):
+    from hydra import compose, initialize_config_dir
+
+    from metaopt.config import config_dir
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"experiment={name}", f"paths.data_dir={data_dir}",
+                                                       "logger=none"], return_hydra_config=True)
+    assert cfg.task._target_.endswith(task) and cfg.optimizer._target_ == "metaopt.optim.MetaOptimize"
+    assert "metaoptimize" in cfg.hydra.sweeper.params["optimizer"].split(",")
+
+
+@pytest.mark.parametrize("name", ["metaoptimize_mnist1d", "metaoptimize_quadratic"])
+def test_experiments_run_tiny(make_cfg, tmp_path, name):
+    train(make_cfg(f"experiment={name}", "trainer.eval_every=10"), run_dir=tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 20
+
+
+@pytest.mark.slow
+def test_study_script_writes_results_and_plot(tmp_path, data_dir):
+    from metaopt.experiments.metaoptimize_study import main
+
+    main(["--task", "quadratic", "--out", str(tmp_path), "--lrs", "1", "3", "--seeds", "0",
+          "--schedules", "constant", "--data-dir", data_dir, "--set", "trainer.steps=40", "trainer.log_every=10"])
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["best_fixed_lr"] in (1.0, 3.0)
+    assert set(result["metaoptimize"]) == {"low", "high", "default"}
+    assert result["metaoptimize"]["low"]["alpha0"] == pytest.approx(result["best_fixed_lr"] / 100)
+    assert (tmp_path / "alpha.png").stat().st_size > 0
