@@ -118,8 +118,13 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--steps", type=int, default=steps, help="steps per timed block")
         p.add_argument("--rounds", type=int, default=rounds, help="interleaved repetitions (median)")
         p.add_argument("--out", type=Path, help="also write the result as JSON here")
+        p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's); 1 gives "
+                       "steadier ratios on a shared machine")
         p.add_argument("overrides", nargs="*", help="extra config overrides, e.g. task.batch_size=256")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
     if args.command == "steps":
         result = bench_steps(args.task, args.optimizers.split(","), args.steps, args.rounds, args.overrides)
         print(f"{'optimizer':<24}{'ms/step':>10}{'× Adam':>9}{'spread':>9}   task={args.task}")

@@ -105,9 +105,9 @@ def _sweep_env(slurm: dict[str, str], data_dir: str, **extra: str) -> dict[str, 
 
 def _start_sweep(*overrides: str, cwd: Path, env: dict[str, str]) -> subprocess.Popen:
     cwd.mkdir(parents=True, exist_ok=True)
-    log = open(cwd / "sweep.log", "w")  # noqa: SIM115 - closed with the process
-    return subprocess.Popen([sys.executable, "-m", "metaopt", "-m", *ON_TEST_NODE, *overrides], cwd=cwd, env=env,
-                            stdout=log, stderr=subprocess.STDOUT, text=True)
+    with open(cwd / "sweep.log", "w") as log:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen([sys.executable, "-m", "metaopt", "-m", *ON_TEST_NODE, *overrides], cwd=cwd,
+                                env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 def _finish(proc: subprocess.Popen, cwd: Path, timeout: float) -> tuple[int, str, Path]:
@@ -316,7 +316,8 @@ def test_signal_checkpoints_at_the_next_step_requeues_and_the_run_resumes_identi
     train(make_cfg(*overrides), run_dir=cut)
     resumed, full = (json.loads((d / "summary.json").read_text()) for d in (cut, tmp_path / "full"))
     assert resumed["status"] == "completed" and resumed["final"] == full["final"]
-    assert _without_time(_read_jsonl(cut / "metrics.jsonl")) == _without_time(_read_jsonl(tmp_path / "full" / "metrics.jsonl"))
+    assert _without_time(_read_jsonl(cut / "metrics.jsonl")) == \
+        _without_time(_read_jsonl(tmp_path / "full" / "metrics.jsonl"))
 
 
 def test_a_signal_the_loop_does_not_reach_in_time_requeues_anyway(submitit_handler):
@@ -362,7 +363,7 @@ def test_meta_training_run_requeues_at_its_next_meta_step_and_resumes_identicall
     preemption.job_done()
     train(cfg(), run_dir=tmp_path / "cut")
     timing = {"time", "meta/step_time"}
-    full, resumed = ([{k: v for k, v in r.items() if k not in timing} for r in _read_jsonl(tmp_path / d / "metrics.jsonl")]
-                     for d in ("full", "cut"))
+    full, resumed = ([{k: v for k, v in r.items() if k not in timing}
+                      for r in _read_jsonl(tmp_path / d / "metrics.jsonl")] for d in ("full", "cut"))
     assert resumed == full and [r["step"] for r in resumed] == list(range(1, 7))
     assert json.loads((tmp_path / "cut" / "summary.json").read_text())["status"] == "completed"
