@@ -12,7 +12,11 @@ resume path: same checkpoint, same W&B run id, the same metrics as a run never i
 A job that does not reach a step boundary in time (a long evaluation, an outer loop that never
 looks at the flag) is not left to be killed at the limit: ``fallback_s`` after the signal,
 submitit's handler runs wherever the job is, and the requeued job resumes from its last
-periodic checkpoint.
+periodic checkpoint (until it does, the run's summary says ``failed`` with :class:`Requeued`).
+
+A training loop takes part with two lines after each step (``metaopt.train`` and the outer
+trainer do): include ``requested()`` in the condition for saving a checkpoint, and after saving
+it, ``if requested(): requeue(files, summary, logger)``.
 
 Outside submitit (a plain run, the basic launcher) :func:`install` does nothing and
 :func:`requested` stays ``False``.
@@ -104,14 +108,17 @@ def requeue(files: Any = None, summary: dict[str, Any] | None = None, logger: An
     ``scontrol requeue`` sends SIGTERM to every process of the job, W&B's service among them.
     Raises :class:`Requeued` (a ``SystemExit``) once the job is requeued; submitit's
     ``UncompletedJobError`` when it may not be requeued any more (``max_num_timeout`` reached),
-    and the run is then recorded as failed with that reason. Returns only on a non-zero rank of
-    a multi-task job, which submitit leaves running (rank 0 requeues the whole job).
+    and the run is then recorded as failed with that reason. Returns at once on a non-zero rank
+    of a multi-task job, which carries on: rank 0 requeues the whole job.
     """
     global _requested
     if _submitit_handler is None or _signum is None:
         raise RuntimeError("preemption.requeue() outside a submitit job")
     _cancel_timer()
     handler, signum = _submitit_handler, _signum
+    if getattr(getattr(handler, "__self__", None), "env", None) is not None and handler.__self__.env.global_rank:
+        _requested = False
+        return
     if files is not None and summary is not None:
         summary["status"] = "requeued"
         files.write_summary(summary)
@@ -132,7 +139,7 @@ def requeue(files: Any = None, summary: dict[str, Any] | None = None, logger: An
         if summary is not None:
             summary["status"] = "running"  # not requeued after all: the loop records the failure
         raise
-    _requested = False
+    raise RuntimeError("submitit's handler returned without requeueing or exiting")
 
 
 def _stop_wandb_service() -> None:

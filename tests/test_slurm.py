@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -173,6 +174,9 @@ def test_sweep_is_one_job_array_with_its_own_run_dirs_manifest_and_wandb_runs(sl
     assert sorted(job["slurm_job_id"].split("_")[1] for job in jobs) == ["0", "1", "2", "3"]
     (array,) = arrays
     assert len(_sacct(slurm, "-j", array, "-o", "JobID,State")) == 4
+    # Listed as pending from the moment of submission, numbered as the jobs number themselves.
+    planned = json.loads((sweep_dir / ".manifest" / "sweep.json").read_text())["planned"]
+    assert [p["overrides"] for p in planned] == [job["overrides"] for job in jobs]
     points = {(o[1], o[2]) for o in (job["overrides"] for job in jobs)}
     assert points == {("optimizer=adam", "seed=0"), ("optimizer=adam", "seed=1"),
                       ("optimizer=sgd", "seed=0"), ("optimizer=sgd", "seed=1")}
@@ -220,7 +224,10 @@ def test_job_killed_by_its_time_limit_is_requeued_and_resumes_to_identical_metri
     assert job["status"] == "completed" and job["attempts"] >= 2, job
     states = [state for _, state in _sacct(slurm, "--duplicates", "-j", job["slurm_job_id"], "-o", "JobID,State")]
     assert states.count("REQUEUED") >= 1, states
-    assert "resuming" in (run_dir / "metaopt.log").read_text()
+    log_text = (run_dir / "metaopt.log").read_text()
+    assert "job requeued after SLURM's signal" in log_text  # by the loop, not by the fallback
+    resumed_from = [int(m) for m in re.findall(r"resuming .* from step (\d+)", log_text)]
+    assert resumed_from and resumed_from[0] % 1000 != 0  # the checkpoint taken at the signal
     assert [p["restarts"] for p in _read_jsonl(run_dir / "probe.jsonl")] == list(range(job["attempts"]))
 
     # Every attempt after the first resumed the same W&B run (one id, one offline dir per attempt).
