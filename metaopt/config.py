@@ -66,6 +66,7 @@ def validate(cfg: DictConfig) -> None:
     """
     for key in ("trainer.steps", "trainer.eval_every", "trainer.log_every", "trainer.checkpoint_every"):
         _positive_int(cfg, key)
+    _positive_int(cfg, "trainer.threads", allow_none=True)
     progress = OmegaConf.select(cfg, "trainer.progress", default="auto")
     if progress not in _PROGRESS_CHOICES:
         raise ConfigError(f"trainer.progress: {progress!r} is not one of {', '.join(_PROGRESS_CHOICES)}")

@@ -91,6 +91,8 @@ def build(cfg: DictConfig) -> Components:
     """Check the config and build task, model, optimizer and schedule, before any training."""
     validate(cfg)
     device = resolve_device(str(cfg.device))
+    if cfg.trainer.get("threads"):
+        torch.set_num_threads(int(cfg.trainer.threads))
     if cfg.trainer.get("deterministic", False):
         _use_deterministic_algorithms()
     seed_everything(int(cfg.seed))

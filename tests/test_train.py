@@ -132,6 +132,7 @@ def test_optimizer_diagnostics_are_logged(make_cfg, tmp_path, monkeypatch):
     ("task.batch_size=0", "task.batch_size"),
     ("seed=-1", "seed"),
     ("trainer.progress=fancy", "trainer.progress"),
+    ("trainer.threads=0", "trainer.threads"),
     ("optimizer.betas=[1.5,0.9]", "optimizer"),
     ("task.hidden=[0]", "task"),
 ])

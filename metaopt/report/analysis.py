@@ -116,8 +116,9 @@ def run_numbers(run: Run, target: Target) -> RunNumbers:
         else:
             best = float(run.summary.get("best", {}).get(target.metric, final))
     to_target = dict.fromkeys(MEASURES, math.inf)
-    # A diverged run can have hit the target before it blew up: time to target is still its time.
-    if run.status in ("completed", "diverged"):
+    # A run that touched the target and diverged afterwards still never reached it: a failure is a
+    # failure everywhere, so a table row, its curve and the profile never disagree about a run.
+    if run.status == "completed":
         for r in run.records:
             if target.reached(r.get(target.metric, math.nan)):
                 to_target = {"steps": float(r["step"]), "time": float(r.get("time", math.nan)),
@@ -250,8 +251,10 @@ def analyse(runs: list[Run], targets_file: TargetsFile) -> Analysis:
         counted = [s for s in group if s.runs] or group
         best = min(counted, key=lambda s: _selection_key(s, targets[task]))
         best.chosen = True
-        if all(s.count("completed") == 0 for s in counted):
-            notes.append(f"{task} / {optimizer}: no setting completed a run; the row shows failures only")
+        if not any(s.runs for s in group):
+            notes.append(f"{task} / {optimizer}: no run has finished yet; the row is empty")
+        elif not any(s.count("completed") for s in group):
+            notes.append(f"{task} / {optimizer}: every run diverged or failed; the row shows failures only")
 
     # A task without a target in targets.yaml gets one from the sweep: the best chosen setting's
     # median final value, loosened by auto_slack, so the fastest method still has to get close.

@@ -4,6 +4,9 @@ Curves are of each optimizer's chosen setting: at every logged step, the median 
 min–max band. A seed that diverged (or failed) counts as +∞ after its last record, so the median
 line stops once half the seeds are gone instead of following the survivors; the band covers the
 seeds still running, and an × marks where a seed ended.
+
+Figures are built as bare ``Figure`` objects (PNG through Agg), never through pyplot, so making a
+report leaves the caller's matplotlib backend and open figures alone.
 """
 
 from __future__ import annotations
@@ -13,13 +16,12 @@ from collections import defaultdict
 from pathlib import Path
 
 import matplotlib
+import numpy as np
+from matplotlib import ticker
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from metaopt.report.analysis import MEASURES, TAU_MAX, Analysis, Profile, Setting, Target  # noqa: E402
-from metaopt.report.runs import Run  # noqa: E402
+from metaopt.report.analysis import MEASURES, TAU_MAX, Analysis, Profile, Setting, Target
+from metaopt.report.runs import Run
 
 X_LABELS = {"steps": "steps", "time": "training time (s, evaluation excluded)",
             "passes": "passes (forward + backward)"}
@@ -81,7 +83,7 @@ def _ends(runs: list[Run], key: str, measure: str) -> list[tuple[float, float]]:
 
 
 def colours(analysis: Analysis) -> dict[str, tuple]:
-    cmap = plt.get_cmap("tab10" if len(analysis.optimizers) <= 10 else "tab20")
+    cmap = matplotlib.colormaps["tab10" if len(analysis.optimizers) <= 10 else "tab20"]
     return {m: cmap(i % cmap.N) for i, m in enumerate(analysis.optimizers)}
 
 
@@ -100,8 +102,8 @@ def _log_if_wide(ax, values: list[np.ndarray]) -> None:
 def _grid(n_tasks: int, rows_per_task: int, width: float = 4.2, height: float = 3.0):
     cols = min(max(n_tasks, 1), _COLS)
     blocks = math.ceil(max(n_tasks, 1) / cols)
-    fig, axes = plt.subplots(rows_per_task * blocks, cols, figsize=(width * cols, height * rows_per_task * blocks),
-                             squeeze=False)
+    fig = Figure(figsize=(width * cols, height * rows_per_task * blocks))
+    axes = fig.subplots(rows_per_task * blocks, cols, squeeze=False)
     return fig, axes, cols
 
 
@@ -147,10 +149,9 @@ def loss_curves(analysis: Analysis, measure: str, path: Path) -> Path:
         if ax_val.has_data():
             ax_val.legend(fontsize=7, loc="best")
     _hide_unused(axes, len(tasks), cols, 2)
-    fig.suptitle(f"Loss against {measure}: median over seeds, band min–max, × a diverged seed", fontsize=11)
+    fig.suptitle(f"Loss against {measure}\nmedian over seeds, band min–max, × a seed that diverged", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
@@ -181,7 +182,8 @@ def lr_curves(analysis: Analysis, path: Path) -> Path:
             agg = aggregate(s.runs, key, "steps", math.nan)
             if agg is None:
                 continue
-            x, med, lo, hi, _ = agg
+            # A zero lr_eff (a line search that stayed put) has no place on the log axis: a gap.
+            x, med, lo, hi = (agg[0], *(np.where(v > 0, v, np.nan) for v in agg[1:4]))
             c = colour[s.optimizer]
             adaptive = key != "lr"
             ax.plot(x, med, color=c, lw=1.6 if adaptive else 1.2, ls="-" if adaptive else "--",
@@ -189,8 +191,7 @@ def lr_curves(analysis: Analysis, path: Path) -> Path:
             if adaptive:
                 ax.fill_between(x, lo, hi, color=c, alpha=0.18, lw=0)
             drawn += [med, lo, hi]
-        ys = np.concatenate([v[np.isfinite(v)] for v in drawn]) if drawn else np.array([])
-        if ys.size and ys.min() > 0:
+        if any(np.isfinite(v).any() for v in drawn):  # learning rates span decades across methods
             ax.set_yscale("log")
         ax.set_title(task, fontsize=10)
         ax.set_xlabel("steps")
@@ -199,17 +200,16 @@ def lr_curves(analysis: Analysis, path: Path) -> Path:
         if ax.has_data():
             ax.legend(fontsize=7, loc="best")
     _hide_unused(axes, len(tasks), cols, 1)
-    fig.suptitle("Effective learning rate: solid = adaptive (opt/lr_eff, opt/alpha), dashed = scheduled lr",
-                 fontsize=11)
+    fig.suptitle("Effective learning rate\nsolid: reported by the optimizer; dashed: the scheduled lr", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
 def profile_plot(analysis: Analysis, profiles: dict[str, Profile], path: Path) -> Path:
     colour = colours(analysis)
-    fig, axes = plt.subplots(1, len(MEASURES), figsize=(4.6 * len(MEASURES), 3.6), squeeze=False)
+    fig = Figure(figsize=(4.6 * len(MEASURES), 3.6))
+    axes = fig.subplots(1, len(MEASURES), squeeze=False)
     for ax, measure in zip(axes[0], MEASURES):
         prof = profiles[measure]
         finite = [x for r in prof.ratios.values() for x in r if math.isfinite(x)]
@@ -223,17 +223,19 @@ def profile_plot(analysis: Analysis, profiles: dict[str, Profile], path: Path) -
         ax.axvline(TAU_MAX, color="0.6", ls=":", lw=1)
         ax.set_xscale("log")
         ax.set_xlim(1, tau_hi)
+        ax.set_xticks([t for t in (1, 1.5, 2, 3, 4, 6, 10, 20, 50, 100, 1000) if t <= tau_hi])
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         ax.set_ylim(-0.03, 1.03)
         ax.set_xlabel(f"τ (time to target / best, in {measure})")
         ax.set_ylabel("fraction of tasks")
         ax.set_title(f"{measure} to target ({len(prof.tasks)} tasks)", fontsize=10)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7, loc="lower right")
-    fig.suptitle("Performance profiles (never reached or diverged = ∞; score = ∫₁⁴ ρ dτ / 3, AlgoPerf)",
-                 fontsize=11)
+    fig.suptitle("Performance profiles: never reached or diverged = ∞; score = ∫₁⁴ ρ(τ) dτ / 3 (AlgoPerf)",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 

@@ -40,7 +40,11 @@ def to_target(s: Setting, measure: str) -> str:
 
 
 def _setting_name(s: Setting) -> str:
-    return s.setting or "(config)"
+    """The swept hyperparameters; for a lone setting its lr, so the table still says what ran."""
+    if s.setting:
+        return s.setting
+    lr = next(iter(s.runs + s.incomplete)).config.get("optimizer.lr")
+    return f"lr={fmt(lr) if isinstance(lr, float) else lr}, untuned" if lr is not None else "untuned"
 
 
 # Rows -----------------------------------------------------------------------------------------
@@ -153,8 +157,9 @@ def write_csvs(a: Analysis, sweep: Sweep, profiles: dict[str, Profile], out: Pat
             for task, ratio in zip(p.tasks, ratios):
                 cost = next((s.to_target(measure) for s in a.chosen(task) if s.optimizer == m), math.inf)
                 prof.append({"measure": measure, "task": task, "optimizer": m, "to_target": cost, "ratio": ratio})
-    return {"table": write_csv(out / "table.csv", table), "settings": write_csv(out / "settings.csv", settings),
-            "runs": write_csv(out / "runs.csv", runs), "profile": write_csv(out / "profile.csv", prof)}
+    return {"table_csv": write_csv(out / "table.csv", table),
+            "settings_csv": write_csv(out / "settings.csv", settings),
+            "runs_csv": write_csv(out / "runs.csv", runs), "profile_csv": write_csv(out / "profile.csv", prof)}
 
 
 # The page ---------------------------------------------------------------------------------------
@@ -209,7 +214,8 @@ def page_blocks(a: Analysis, sweep: Sweep, profiles: dict[str, Profile], figures
     for m in MEASURES:
         blocks.append(("img", figures[f"loss_vs_{m}"].name, f"loss against {m}"))
     blocks.append(("h2", "Effective learning rate"))
-    blocks.append(("p", "`opt/lr_eff` (or `opt/alpha`) where the optimizer reports one, else the scheduled `lr`."))
+    blocks.append(("p", "`opt/lr_eff` (or `opt/alpha`) where the optimizer reports one, else the scheduled `lr`; "
+                   "the value at each logged step (not an average over the interval), median over seeds."))
     blocks.append(("img", figures["lr_eff"].name, "effective learning rate"))
     blocks.append(("h2", "All settings"))
     blocks.append(("table", SETTING_HEADERS, setting_rows(a)))
@@ -220,7 +226,8 @@ def page_blocks(a: Analysis, sweep: Sweep, profiles: dict[str, Profile], figures
         for r in sorted(bad, key=lambda r: str(r.dir)):
             why = r.error or (f"diverged at step {r.summary.get('diverged_at')}" if r.status == "diverged" else "")
             why = "; ".join(x for x in [why, *r.problems] if x)
-            items.append(f"`{r.dir}` ({r.task} / {r.optimizer} {r.setting} seed {r.seed}): {r.status}"
+            what = " ".join(x for x in (r.task, "/", r.optimizer, r.setting, f"seed {r.seed}") if x)
+            items.append(f"`{r.dir}` ({what}): {r.status}"
                          + (f" — {why}" if why else ""))
         items += sweep.missing + a.notes
         blocks.append(("ul", items))

@@ -31,7 +31,8 @@ _SKIP_DIRS = {".hydra", "wandb", ".submitit", ".manifest", "report", "__pycache_
 _IGNORED_PREFIXES = ("hydra.", "paths.", "logger.", "analysis.")
 _IGNORED_KEYS = {"seed", "device", "trainer.progress", "trainer.deterministic", "trainer.checkpoint_every",
                  "trainer.log_every", "trainer.eval_every"}
-_IGNORED_LEAVES = {"seed", "data_dir", "download", "eval_batch_size"}
+# _target_/_partial_ only change with the group's option, which is recorded by name instead.
+_IGNORED_LEAVES = {"seed", "data_dir", "download", "eval_batch_size", "_target_", "_partial_"}
 # Varying keys under these prefixes define a different task (budget included), not a setting.
 _TASK_PREFIXES = ("task.", "trainer.")
 # Config groups whose choice is part of a setting when swept (the task and optimizer have their own axis).
@@ -202,8 +203,13 @@ def planned_jobs(sweep_dir: Path) -> int | None:
             return None
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
+        # The sweep is hydra.sweeper.params (an experiment's grid) overridden by the command line.
+        params = [f"{k}={v}" for k, v in ((hydra.get("sweeper") or {}).get("params") or {}).items()]
+        by_key = {}
+        for override in OverridesParser.create().parse_overrides(params + list(hydra["overrides"]["task"])):
+            by_key[override.key_or_group] = override
         total = 1
-        for override in OverridesParser.create().parse_overrides(list(hydra["overrides"]["task"])):
+        for override in by_key.values():
             if override.is_sweep_override():
                 if not override.is_discrete_sweep():
                     return None
@@ -240,7 +246,7 @@ def name_settings(runs: list[Run]) -> None:
     for name, group in by_task.items():
         task_keys = _varying(group, lambda k: k.startswith(_TASK_PREFIXES))
         for r in group:
-            extra = _describe({k: r.config.get(k) for k in task_keys}, "task.")
+            extra = _describe({k: r.config[k] for k in task_keys if k in r.config}, "task.")
             r.task = f"{name} ({extra})" if extra else name
     by_method: dict[tuple[str, str], list[Run]] = defaultdict(list)
     for r in runs:
@@ -248,7 +254,8 @@ def name_settings(runs: list[Run]) -> None:
     for group in by_method.values():
         keys = _varying(group, lambda k: not k.startswith(_TASK_PREFIXES))
         for r in group:
-            r.params = {k: r.config.get(k) for k in sorted(keys)}
+            # A key only some options have (a scheduler's warm-up) is left out where absent.
+            r.params = {k: r.config[k] for k in sorted(keys) if k in r.config}
             r.setting = _describe(r.params, "optimizer.")
 
 
