@@ -304,9 +304,10 @@ class LODO(torch.optim.Optimizer):
 
     Time: O(L·k·h) per step (about eight passes of a length-h vector through L layers, plus the
     meta-optimizer's pass over φ). Measured with :mod:`metaopt.experiments.lodo_step_cost`
-    (batch 128, full training step): ResNet-20 1.4× Adam's step on an H100 and 4.0× on 16 CPU
-    cores; the mnist1d MLP (15k parameters, where per-operation overhead dominates) 5.2× and
-    19×. With ``n_layers=4, block_size=2, hidden_factor=1``: 1.2× and 1.3× on ResNet-20.
+    (batch 128, full training step): ResNet-20 1.4× Adam's step on an H100, 4.0× on 16 CPU
+    cores (1.8× on 2 cores, :mod:`metaopt.bench`); the mnist1d MLP (15k parameters, where
+    per-operation overhead dominates) 5.2× on the H100 and 18–19× on CPUs. With
+    ``n_layers=4, block_size=2, hidden_factor=1``: 1.2× and 1.3× on ResNet-20.
 
     Momentum and the learnt preconditioner: with β > 0 the one-step hypergradient vanishes where
     the greedy step along the momentum is best, not at ``lr·G = H⁻¹``. On the paper's noisy
