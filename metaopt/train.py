@@ -25,7 +25,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from metaopt import preemption
-from metaopt.config import resolve_device, validate
+from metaopt.config import config_dir, resolve_device, validate
 from metaopt.errors import ConfigError, MetaoptError
 from metaopt.loggers import Logger, NullLogger, SafeLogger
 from metaopt.nn_utils import frozen_running_stats
@@ -215,6 +215,10 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
         raise ValueError("train(cfg) outside Hydra needs run_dir=")
     run_dir = Path(run_dir)
     if cfg.get("meta") is not None:
+        if "_target_" not in cfg.meta:  # e.g. an experiment's meta.* deltas on top of meta=none
+            choices = ", ".join(sorted(p.stem for p in (config_dir() / "meta").glob("*.yaml") if p.stem != "none"))
+            raise ConfigError(f"meta: settings given but no outer trainer selected; pick one with meta=<name>, "
+                              f"one of {choices}")
         # An outer loop (meta-training a learned optimizer) owns the run: see the `meta` group.
         return float(_build(cfg.meta, "meta").run(cfg, run_dir))
     files = RunFiles(run_dir)

@@ -401,7 +401,8 @@ def test_lopt_linreg_preset_beats_tuned_adam_and_momentum(make_cfg, tmp_path):
     assert summary["meta_steps"] == 800 and summary["tasks_per_step"] == 16
     assert value < base["adam"]["mean"] and value < base["momentum"]["mean"]
     # An unseen task from the CLI config, in the ordinary loop.
-    run = make_cfg("experiment=lopt_linreg", "meta=none", f"checkpoint={tmp_path / 'meta'}", "seed=4242", tiny=False)
+    run = make_cfg("task=linreg", "task.dim=5", "task.n_train=64", "task.noise=0", "seed=4242", "trainer.steps=200",
+                   "optimizer=learned", f"checkpoint={tmp_path / 'meta'}", tiny=False)
     start = LinearRegression(dim=5, n_train=64, noise=0.0, seed=4242).evaluate("validation")["loss"]
     final = train(run, run_dir=tmp_path / "use")
     assert final < 0.05 * start

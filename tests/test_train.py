@@ -234,3 +234,9 @@ def test_analysis_callback_runs_around_each_step_and_its_metrics_are_logged(make
     assert callback.events[1:3] == [("before", 0), ("after", 0)] and len(callback.events) == 2 + 2 * 20
     probes = {r["step"]: r["analysis/probe"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "analysis/probe" in r}
     assert probes == {5: 0.0, 10: 7.0, 15: 14.0}
+
+
+def test_meta_settings_without_an_outer_trainer_are_a_config_error(make_cfg, tmp_path):
+    cfg = make_cfg("task=rosenbrock", "+meta.steps=3")
+    with pytest.raises(ConfigError, match="^meta: "):
+        train(cfg, run_dir=tmp_path)
