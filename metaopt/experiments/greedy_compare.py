@@ -84,7 +84,8 @@ def compare(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         cells[(run["task"], run["family"], run["lr"])][run["variant"]].append(run)
     out = []
     for (task, family, lr), variants in sorted(cells.items()):
-        means = {v: {m: statistics.fmean(r[m] for r in rs) for m in METRICS} | {"seeds": len(rs)}
+        means = {v: {m: statistics.fmean(r[m] for r in rs) for m in METRICS}
+                 | {f"{m}_sd": _sd([r[m] for r in rs]) for m in METRICS} | {"seeds": len(rs)}
                  for v, rs in variants.items()}
         fixed = {v: m for v, m in means.items() if v != "greedy"}
         row: dict[str, Any] = {"task": task, "family": family, "lr": lr, "variants": means}
@@ -96,13 +97,23 @@ def compare(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             greedy = means.get("greedy", {}).get(metric, math.nan)
             gap = greedy / best - 1.0 if best > 0 and math.isfinite(best) else math.nan
             row[metric] = {"best_fixed_momentum": best_beta, "best_fixed": best, "greedy": greedy,
+                           "best_fixed_sd": fixed[best_beta][f"{metric}_sd"],
+                           "greedy_sd": means.get("greedy", {}).get(f"{metric}_sd", math.nan),
                            "gap": gap, "within_5pct": bool(gap <= 0.05)}
         out.append(row)
     return out
 
 
+def _sd(values: list[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    if len(finite) < len(values):
+        return math.inf
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| task | family | lr | metric | greedy | best fixed (β) | gap | ≤ 5% | all fixed β: value |",
+    lines = ["| task | family | lr | metric | greedy (± sd over seeds) | best fixed β: value (± sd) | gap "
+             "| ≤ 5% | all fixed β: value |",
              "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         for metric in METRICS:
@@ -111,8 +122,10 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             c = row[metric]
             others = ", ".join(f"{v:g}: {m[metric]:.4g}" for v, m in sorted(
                 ((v, m) for v, m in row["variants"].items() if v != "greedy"), key=lambda x: x[0]))
-            lines.append(f"| {row['task']} | {row['family']} | {row['lr']:g} | {metric} | {c['greedy']:.4g} | "
-                         f"{c['best_fixed']:.4g} ({c['best_fixed_momentum']:g}) | {100 * c['gap']:+.1f}% | "
+            lines.append(f"| {row['task']} | {row['family']} | {row['lr']:g} | {metric} | "
+                         f"{c['greedy']:.4g} ± {c['greedy_sd']:.2g} | "
+                         f"{c['best_fixed_momentum']:g}: {c['best_fixed']:.4g} ± {c['best_fixed_sd']:.2g} | "
+                         f"{100 * c['gap']:+.1f}% | "
                          f"{'yes' if c['within_5pct'] else 'no'} | {others} |")
     return "\n".join(lines) + "\n"
 

@@ -5,9 +5,11 @@ stream as input: the lag-``k`` autocorrelation ``R_k = E[g_{t-k} g_tᵀ]`` of Le
 2512.06370), in practice its trace over a block of coordinates, ``r_k = E[⟨g_t, g_{t−k}⟩]``, or its
 diagonal, ``E[g_{t,i} g_{t−k,i}]`` per coordinate. This module estimates them from a stream:
 
-* :func:`lag_products` and :func:`ema_debiased` are the plain functions the online optimizers
-  (:mod:`metaopt.optim.greedy`) call on each parameter tensor;
-* :class:`LagAutocorrelation` wraps them for one stream of vectors (tests, analysis);
+* :func:`lag_products` and :func:`ema_debiased` are the plain functions: a ring buffer of the last
+  K + 1 vectors, their products with the newest one, the bias-corrected EMA;
+* :class:`LagAutocorrelation` wraps them for one stream of vectors (analysis, and the reference
+  the tests hold the online optimizers to: :mod:`metaopt.optim.greedy` fuses the same
+  bookkeeping into one ``addmv`` per step over all parameters);
 * :func:`ar1_autocorrelation` and :func:`ar1_stream` give a stream with known statistics, an AR(1)
   signal plus white noise, on which the solvers must recover the analytic optimum.
 """
@@ -42,8 +44,8 @@ def lag_order(step: int, slots: int, device: str | torch.device = "cpu") -> Tens
 
 @functools.lru_cache(maxsize=1024)
 def _lag_order(position: int, slots: int, device: str) -> Tensor:
-    # Cached: the optimizers index every parameter's products every step, and building the index
-    # costs more than using it.
+    # Cached: a stream indexes its products every step, and building the index costs more than
+    # using it.
     return torch.remainder(position - torch.arange(slots), slots).to(device)
 
 

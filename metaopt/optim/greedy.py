@@ -5,9 +5,10 @@ v3, 2026; v1/v2 "Optimizing Optimizers for Fast Gradient-Based Learning").
 
 Each step the optimizers update EMA estimates of the gradient autocorrelation at lags 0..K,
 ``r_k = E[⟨g_t, g_{t−k}⟩]`` (for Adam seen through its preconditioner), over all parameters or per
-parameter tensor. On the first step and every ``update_every`` steps they re-solve the greedy
-problem of the momentum family, ``β* = argmax √(1−β²) Σ_k β^k r_k``
-(:func:`metaopt.greedy.optimal_momentum`), and use β* until the next solve. The update math lives
+parameter tensor. At each of the first K + 1 steps (while the lags fill) and then every
+``update_every`` steps they re-solve the greedy problem of the momentum family,
+``β* = argmax √(1−β²) Σ_k β^k r_k`` (:func:`metaopt.greedy.optimal_momentum`), and use β* until
+the next solve. The update math lives
 in plain functions over lists of tensors (:func:`greedy_sgd_update`, :func:`greedy_adam_update`);
 the classes gather tensors, keep the statistics and call the solver.
 """
@@ -265,7 +266,7 @@ class _GreedyMomentum(torch.optim.Optimizer):
         r = ema / -np.expm1((samples - np.arange(live)) * math.log(decay))
         if not np.isfinite(r).all():
             return  # a non-finite gradient reached the statistics; keep the last solution
-        tail = geometric_tail(r)
+        tail = geometric_tail(r, max_ratio=hp["max_momentum"])
         # Two zooms of 33 points locate β* to ~1e-4·(1−β*), far below what the statistics resolve.
         sol = optimal_momentum(r, hp["min_momentum"], hp["max_momentum"], tail=tail,
                                refinements=2, zoom=33)
@@ -296,7 +297,11 @@ class _GreedyMomentum(torch.optim.Optimizer):
         return np.ones_like(betas)
 
     def _due(self, step: int) -> bool:
-        return step == 1 or step % self.param_groups[0]["update_every"] == 0
+        # Every step while the ring fills (lag k first exists at step k + 1), so that β follows
+        # the statistics from the start rather than waiting update_every steps at the β that lag
+        # 0 alone gives; then every update_every steps.
+        hp = self.param_groups[0]
+        return step <= hp["lags"] + 1 or step % hp["update_every"] == 0
 
     # ---- reporting ------------------------------------------------------------------------
 
@@ -370,14 +375,15 @@ class GreedySGD(_GreedyMomentum):
 
         g ← ∇L + λθ                                  # weight_decay λ (L2, as torch.optim.SGD)
         r̂_k ← EMA_horizon(⟨g_t, g_{t−k}⟩), k = 0..K  # bias-corrected; all tensors or per tensor
-        at step 1 and every update_every steps:
-            β ← argmax_{β∈[β_min, β_max]} √(1−β²) Σ_k β^k r̂_k     # tail beyond K: geometric
+        at steps 1..K+1 and every update_every steps:
+            β ← argmax_{β∈[β_min, β_max]} √(1−β²) Σ_k β^k r̂_k   # lags > K: geometric, ratio ≤ β_max
         m ← βm + g ;  θ ← θ − lr·s·m                # s = 1, or lr_rule="motion": s = 1/√Ê‖m‖²
 
     The score is the loss-drop rate of the unit-energy exponential filter; the update is the
     heavy ball of ``torch.optim.SGD`` with that β, as the paper's dynamic momentum rule applies it
     (with β held constant the optimizer is ``torch.optim.SGD(momentum=β)``). At step 1 only lag 0
-    exists and the solve returns ``min_momentum``; until lag K has been seen, the lags seen are used.
+    exists and the solve returns ``min_momentum``; until lag K has been seen, the solve runs every
+    step on the lags seen.
 
     Args:
       params: parameters or parameter groups (``lr`` and ``weight_decay`` may differ per group).
@@ -385,7 +391,9 @@ class GreedySGD(_GreedyMomentum):
       weight_decay: L2 coefficient added to the gradient.
       horizon: EMA time constant of the statistics, in steps.
       lags: K, the number of lags estimated.
-      update_every: steps between solves.
+      update_every: steps between solves. The default is a fifth of the default horizon: the EMAs
+        move little between solves, and a solve's cost (a few hundred µs of numpy on a CPU) is
+        spread over 20 steps.
       min_momentum, max_momentum: bounds of the solve.
       per_block: solve one β per parameter tensor from its own statistics, instead of one β from
         the sum over all tensors.
@@ -411,7 +419,7 @@ class GreedySGD(_GreedyMomentum):
         weight_decay: float = 0.0,
         horizon: float = 100.0,
         lags: int = 8,
-        update_every: int = 10,
+        update_every: int = 20,
         min_momentum: float = 0.0,
         max_momentum: float = 0.99,
         per_block: bool = False,
@@ -468,7 +476,7 @@ class GreedyAdam(_GreedyMomentum):
 
         v ← β₂v + (1−β₂)g² ;  P = 1/(√(v/(1−β₂^t)) + ε)      # Adam's diagonal preconditioner
         r̃_k ← EMA_horizon(⟨P g_t, g_{t−k}⟩), k = 0..K       # the autocorrelation seen through P
-        at step 1 and every update_every steps:
+        at steps 1..K+1 and every update_every steps:
             β₁ ← argmax √(1−β²) Σ_k β^k r̃_k
         m ← β₁m + (1−β₁)g ;  c ← β₁c + (1−β₁) ;  θ ← θ − lr·P·m/c
 
@@ -503,7 +511,7 @@ class GreedyAdam(_GreedyMomentum):
         decoupled_weight_decay: bool = False,
         horizon: float = 100.0,
         lags: int = 8,
-        update_every: int = 10,
+        update_every: int = 20,
         min_momentum: float = 0.0,
         max_momentum: float = 0.99,
         per_block: bool = False,
