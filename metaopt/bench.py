@@ -5,6 +5,9 @@ optimizer's extra passes included) relative to ``torch.optim.Adam`` on the same 
 one process and interleaved so drift and other load hit every optimizer alike. Optimizers are
 built from their ``conf/optimizer/<name>.yaml``.
 
+``meta``: meta-steps per second of a meta-training preset (default ``experiment=lopt_linreg``),
+from the outer trainer's own per-step clock (held-out evaluation excluded).
+
 ``loop``: the training loop of :func:`metaopt.train.train` against a bare hand-written PyTorch loop
 for the same task and optimizer (the loop's budget: at most 5% overhead).
 """
@@ -104,6 +107,19 @@ def bench_loop(task: str, optimizer: str, steps: int, rounds: int, extra: list[s
     return {"bare_s": bare, "loop_s": loop, "overhead": loop / bare - 1, "rounds": rounds, "steps": steps}
 
 
+def bench_meta(experiment: str, steps: int, extra: list[str]) -> dict:
+    from metaopt.train import train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = _cfg(f"experiment={experiment}", f"meta.steps={steps}", "meta.eval_every=0", "meta.eval_tasks=2",
+                   "meta.baselines={}", f"meta.checkpoint_every={steps}", f"meta.log_every={steps}", *extra)
+        train(cfg, run_dir=tmp)
+        records = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+    step_time = records[-1]["meta/step_time"]
+    return {"experiment": experiment, "meta_steps": steps, "meta_step_s": step_time,
+            "meta_steps_per_s": 1.0 / step_time}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m metaopt.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -113,6 +129,12 @@ def main(argv: list[str] | None = None) -> None:
                          help="comma-separated conf/optimizer names")
     p_loop = sub.add_parser("loop", help="training-loop overhead over a bare PyTorch loop")
     p_loop.add_argument("--optimizer", default="adam")
+    p_meta = sub.add_parser("meta", help="meta-training speed (meta-steps per second)")
+    p_meta.add_argument("--experiment", default="lopt_linreg")
+    p_meta.add_argument("--steps", type=int, default=30, help="meta-steps to time")
+    p_meta.add_argument("--out", type=Path, help="also write the result as JSON here")
+    p_meta.add_argument("--threads", type=int, help="torch intra-op threads")
+    p_meta.add_argument("overrides", nargs="*", help="extra config overrides")
     for p, steps, rounds in ((p_steps, 200, 7), (p_loop, 2000, 5)):
         p.add_argument("--task", default="mnist1d")
         p.add_argument("--steps", type=int, default=steps, help="steps per timed block")
@@ -125,7 +147,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
-    if args.command == "steps":
+    if args.command == "meta":
+        result = bench_meta(args.experiment, args.steps, args.overrides)
+        print(f"experiment={args.experiment}: {result['meta_step_s']:.3f} s per meta-step, "
+              f"{result['meta_steps_per_s']:.2f} meta-steps/s over {args.steps} meta-steps")
+    elif args.command == "steps":
         result = bench_steps(args.task, args.optimizers.split(","), args.steps, args.rounds, args.overrides)
         print(f"{'optimizer':<24}{'ms/step':>10}{'× Adam':>9}{'spread':>9}   task={args.task}")
         for name, r in result.items():
