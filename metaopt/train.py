@@ -221,27 +221,49 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
                               f"one of {choices}")
         # An outer loop (meta-training a learned optimizer) owns the run: see the `meta` group.
         return float(_build(cfg.meta, "meta").run(cfg, run_dir))
-    files = RunFiles(run_dir)
-    previous = files.read_summary()
-    if previous and previous.get("status") == "completed" and previous.get("fingerprint") == fingerprint(cfg):
+    record = RunRecord(cfg, run_dir)
+    if record.completed_objective is not None:
         log.info("run in %s already completed; returning its result", run_dir)
-        return float(previous["objective"])
+        return record.completed_objective
 
-    summary: dict[str, Any] = {"status": "running", "run_dir": str(run_dir), "fingerprint": fingerprint(cfg),
-                               "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    logger: Logger = NullLogger()
-    try:
+    def body() -> float:
         c = build(cfg)
-        logger = SafeLogger(_build(cfg.logger, "logger") if cfg.get("logger") else NullLogger())
-        return _run(cfg, c, files, logger, summary, hydra_info)
-    except BaseException as exc:
-        if summary["status"] == "running":
-            summary.update(status="failed", error=f"{type(exc).__name__}: {_first_line(exc)}")
-            files.write_summary(summary)
-        raise
-    finally:
-        logger.finish(summary["status"])
-        files.close()
+        record.logger = SafeLogger(_build(cfg.logger, "logger") if cfg.get("logger") else NullLogger())
+        return _run(cfg, c, record.files, record.logger, record.summary, hydra_info)
+
+    return record.run(body)
+
+
+class RunRecord:
+    """What every run directory goes through, for the training loop and the outer trainer alike.
+
+    A directory whose run completed with the same config has ``completed_objective`` set (re-running
+    returns it). Otherwise :meth:`run` executes the body; any exception is recorded as
+    ``status: failed`` with its first line in ``summary.json`` before it propagates, and the logger
+    is finished and the files closed whatever happens.
+    """
+
+    def __init__(self, cfg: DictConfig, run_dir: str | Path):
+        self.files = RunFiles(run_dir)
+        fp = fingerprint(cfg)
+        previous = self.files.read_summary()
+        done = previous and previous.get("status") == "completed" and previous.get("fingerprint") == fp
+        self.completed_objective: float | None = float(previous["objective"]) if done else None
+        self.summary: dict[str, Any] = {"status": "running", "run_dir": str(self.files.dir), "fingerprint": fp,
+                                        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        self.logger: Logger = NullLogger()
+
+    def run(self, body: Callable[[], float]) -> float:
+        try:
+            return body()
+        except BaseException as exc:
+            if self.summary["status"] == "running":
+                self.summary.update(status="failed", error=f"{type(exc).__name__}: {_first_line(exc)}")
+                self.files.write_summary(self.summary)
+            raise
+        finally:
+            self.logger.finish(self.summary["status"])
+            self.files.close()
 
 
 @dataclass

@@ -187,38 +187,30 @@ class MetaTrainer:
     # -- running -----------------------------------------------------------------------------
 
     def run(self, cfg: DictConfig, run_dir: str | Path) -> float:
-        from metaopt.train import _build, _first_line, _hydra_run_info, fingerprint
+        from metaopt.train import RunRecord, _build, _hydra_run_info
 
-        files = RunFiles(run_dir)
-        fp = fingerprint(cfg)
-        previous = files.read_summary()
-        if previous and previous.get("status") == "completed" and previous.get("fingerprint") == fp:
-            log.info("meta-training in %s already completed; returning its result", files.dir)
-            return float(previous["objective"])
-        summary: dict[str, Any] = {"status": "running", "run_dir": str(files.dir), "fingerprint": fp,
-                                   "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        logger: Logger = NullLogger()
-        threads = torch.get_num_threads()
-        try:
-            if self.num_threads is not None:
-                torch.set_num_threads(self.num_threads)
-            validate(cfg)
-            device = resolve_device(str(cfg.device))
-            seed_everything(int(cfg.seed))
-            lopt = self.build_lopt(cfg).to(device)
-            family = self.build_family(cfg, device, self.family_options)
-            logger = SafeLogger(_build(cfg.logger, "logger") if cfg.get("logger") else NullLogger())
-            info = _hydra_run_info()
-            return self._run(cfg, lopt, family, files, logger, summary, info)
-        except BaseException as exc:
-            if summary["status"] == "running":
-                summary.update(status="failed", error=f"{type(exc).__name__}: {_first_line(exc)}")
-                files.write_summary(summary)
-            raise
-        finally:
-            torch.set_num_threads(threads)
-            logger.finish(summary["status"])
-            files.close()
+        record = RunRecord(cfg, run_dir)
+        if record.completed_objective is not None:
+            log.info("meta-training in %s already completed; returning its result", record.files.dir)
+            return record.completed_objective
+
+        def body() -> float:
+            threads = torch.get_num_threads()
+            try:
+                if self.num_threads is not None:
+                    torch.set_num_threads(self.num_threads)
+                validate(cfg)
+                device = resolve_device(str(cfg.device))
+                seed_everything(int(cfg.seed))
+                lopt = self.build_lopt(cfg).to(device)
+                family = self.build_family(cfg, device, self.family_options)
+                record.logger = SafeLogger(_build(cfg.logger, "logger") if cfg.get("logger") else NullLogger())
+                return self._run(cfg, lopt, family, record.files, record.logger, record.summary,
+                                 _hydra_run_info())
+            finally:
+                torch.set_num_threads(threads)
+
+        return record.run(body)
 
     def _run(self, cfg: DictConfig, lopt: LearnedOptimizer, family: TaskFamily, files: RunFiles, logger: Logger,
              summary: dict[str, Any], info: dict[str, Any]) -> float:
