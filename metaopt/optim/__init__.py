@@ -6,6 +6,10 @@ constructor arguments that must be rejected with a ``ValueError`` matching the p
 
 import torch
 
+from metaopt.learned import Learned, MLPOptimizer, RNNOptimizer
+from metaopt.optim.greedy import GreedyAdam, GreedySGD
+from metaopt.optim.lodo import LODO
+from metaopt.optim.metaoptimize import MetaOptimize, MetaOptimizeFull
 from metaopt.optim.pal import PAL
 from metaopt.optim.registry import REGISTRY, OptimizerSpec, register, requires_closure
 from metaopt.optim.utils import optimizer_state_bytes
@@ -27,8 +31,6 @@ register("rmsprop", torch.optim.RMSprop, kwargs={"lr": 1e-2},
 register("lbfgs", torch.optim.LBFGS, kwargs={"lr": 0.5, "max_iter": 5, "history_size": 10},
          needs_closure=True, supports_param_groups=False, invalid=(_BAD_LR,))
 
-from metaopt.optim.greedy import GreedyAdam, GreedySGD  # noqa: E402
-
 _BAD_GREEDY = (({"lags": 0}, "lags"), ({"horizon": 0.5}, "horizon"), ({"update_every": 0}, "update_every"),
                ({"max_momentum": 1.0}, "max_momentum"), ({"min_momentum": -0.1}, "min_momentum"))
 register("greedy_sgd", GreedySGD, kwargs={"lr": 2e-3},
@@ -39,8 +41,6 @@ register("greedy_adam", GreedyAdam, kwargs={"lr": 5e-2},
 register("pal", PAL, kwargs={"measuring_step": 0.1, "max_step": 1.0}, needs_closure=True,
          invalid=(({"measuring_step": -1.0}, "measuring_step"), ({"max_step": 0.0}, "max_step"),
                   ({"direction_decay": 1.5}, "direction_decay"), ({"update_factor": 0.0}, "update_factor")))
-
-from metaopt.optim.lodo import LODO  # noqa: E402
 
 # seed fixed: two LODO instances built in a row must share permutations for the group tests.
 register("lodo", LODO, kwargs={"lr": 0.03, "seed": 0},
@@ -55,8 +55,6 @@ register("lodo_nomomentum", LODO, kwargs={"lr": 2e-3, "seed": 0, "beta": 0.0, "n
          invalid=(({"beta": -0.1}, "beta"),))
 register("lodo_sgd", LODO, kwargs={"lr": 0.03, "seed": 0, "meta_optimizer": "sgd", "meta_lr": 1e-5,
                                    "n_layers": 4}, invalid=(({"meta_lr": -1.0}, "meta_lr"),))
-
-from metaopt.optim.metaoptimize import MetaOptimize, MetaOptimizeFull  # noqa: E402, F401
 
 # meta_lr 1e-2 so that α moves within the suite's 500 steps; the full (HVP) trace around SGD needs
 # a closure, and a slower meta_lr keeps α below Rosenbrock's stability limit near the minimum.
@@ -77,7 +75,6 @@ register("metaoptimize_blockwise", MetaOptimize, kwargs={"blocks": "layerwise", 
 # contract runs them hand-set to known rules: the GRU to clipped heavy-ball momentum, the MLP to
 # Adam (lr 0.02); `learned` without a checkpoint falls back to that momentum GRU (lr 0.01 × 0.1).
 # Meta-trained weights are tested in tests/test_learned*.py and tests/test_outer*.py.
-from metaopt.learned import Learned, MLPOptimizer, RNNOptimizer  # noqa: E402
 
 _LEARNED_INVALID = (_BAD_LR, ({"checkpoint": "/nonexistent/lopt.pt"}, "checkpoint"), ({"lopt": 3}, "lopt"))
 register("learned", Learned, kwargs={"lr": 0.1}, invalid=_LEARNED_INVALID)
@@ -86,4 +83,5 @@ register("learned_rnn", Learned, invalid=_LEARNED_INVALID,
 register("learned_mlp", Learned, invalid=_LEARNED_INVALID,
          kwargs={"lr": 1.0, "lopt": MLPOptimizer(init="adam", step_mult=0.02)})
 
-__all__ = ["PAL", "REGISTRY", "OptimizerSpec", "optimizer_state_bytes", "register", "requires_closure"]
+__all__ = ["LODO", "PAL", "REGISTRY", "GreedyAdam", "GreedySGD", "Learned", "MetaOptimize", "MetaOptimizeFull",
+           "OptimizerSpec", "optimizer_state_bytes", "register", "requires_closure"]
