@@ -1,5 +1,22 @@
 """Analysis tools: plain functions for any model, and :class:`metaopt.train.Callback` s for runs."""
 
+from metaopt.analysis.dynamics import (
+    PCA,
+    AdaptationCurve,
+    FixedPoints,
+    Mode,
+    Schedule,
+    adaptation_curve,
+    autonomous_schedule,
+    clipping_threshold,
+    effective_lr,
+    fixed_points,
+    input_direction,
+    linearize,
+    optimal_heavy_ball,
+    sign_step,
+    update_function,
+)
 from metaopt.analysis.line_shape import (
     Line,
     LineMinimum,
@@ -15,6 +32,21 @@ from metaopt.analysis.line_shape import (
 )
 
 __all__ = [
+    "PCA",
+    "AdaptationCurve",
+    "FixedPoints",
+    "Mode",
+    "Schedule",
+    "adaptation_curve",
+    "autonomous_schedule",
+    "clipping_threshold",
+    "effective_lr",
+    "fixed_points",
+    "input_direction",
+    "linearize",
+    "optimal_heavy_ball",
+    "sign_step",
+    "update_function",
     "Line",
     "LineMinimum",
     "LineShape",
