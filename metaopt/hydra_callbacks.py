@@ -21,7 +21,6 @@ import os
 import shutil
 import socket
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,6 +32,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from metaopt import preemption
+from metaopt.runfiles import atomic_write_bytes
 
 log = logging.getLogger("metaopt")
 
@@ -191,16 +191,8 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     """Replace ``path`` atomically: readers (and a job killed mid-write) never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, default=str)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    text = (json.dumps(data, indent=2, default=str) + "\n").encode()
+    atomic_write_bytes(path, lambda fh: fh.write(text))
 
 
 @contextlib.contextmanager

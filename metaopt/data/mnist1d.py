@@ -11,13 +11,14 @@ import hashlib
 import json
 import os
 import random
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from metaopt.runfiles import atomic_write_bytes
 
 # Keys of get_dataset_args() that do not change the data.
 _NOT_DATA = ("url",)
@@ -81,13 +82,5 @@ def load_mnist1d(
         except Exception:  # a corrupt or foreign cache file is regenerated, not fatal
             pass
     data = _generate(args)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".mnist1d-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(data, f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_bytes(path, lambda fh: torch.save(data, fh))
     return data
