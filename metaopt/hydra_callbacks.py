@@ -32,6 +32,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from metaopt import preemption
+from metaopt.errors import describe
 from metaopt.runfiles import atomic_write_bytes
 
 log = logging.getLogger("metaopt")
@@ -137,8 +138,7 @@ class SweepManifest(Callback):
         entry.update(status=status, finished_at=_now())
         error = summary.get("error")
         if error is None and job_return.status == JobStatus.FAILED:
-            exc = job_return._return_value
-            error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            error = describe(job_return._return_value)
         if error is not None:
             entry["error"] = error
         if "objective" in summary:

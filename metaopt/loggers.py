@@ -9,6 +9,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from metaopt.errors import describe
+
 log = logging.getLogger("metaopt")
 
 WANDB_MODES = ("offline", "online", "disabled")
@@ -93,7 +95,7 @@ class SafeLogger(Logger):
             getattr(self.inner, method)(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - a logger must never kill training
             name = type(self.inner).__name__
-            message = f"{name}.{method} failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); " \
+            message = f"{name}.{method} failed ({describe(exc)}); " \
                       "continuing without this logger (metrics.jsonl and summary.json are unaffected)"
             warnings.warn(message, RuntimeWarning, stacklevel=2)
             log.warning(message)

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from metaopt import preemption
 from metaopt.config import config_dir, resolve_device, validate
-from metaopt.errors import ConfigError, MetaoptError
+from metaopt.errors import ConfigError, MetaoptError, describe
 from metaopt.loggers import Logger, NullLogger, SafeLogger
 from metaopt.nn_utils import frozen_running_stats
 from metaopt.optim import optimizer_state_bytes, requires_closure
@@ -258,7 +258,7 @@ class RunRecord:
             return body()
         except BaseException as exc:
             if self.summary["status"] == "running":
-                self.summary.update(status="failed", error=f"{type(exc).__name__}: {_first_line(exc)}")
+                self.summary.update(status="failed", error=describe(exc))
                 self.files.write_summary(self.summary)
             raise
         finally:
