@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from metaopt.greedy.problems import geometric_tail, momentum_learning_rate, optimal_momentum
+from metaopt.optim.utils import shared_hyperparameters
 
 __all__ = ["GreedyAdam", "GreedySGD", "greedy_adam_update", "greedy_sgd_update"]
 
@@ -137,13 +138,9 @@ class _GreedyMomentum(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         self._validate(self.param_groups[-1])
-        first, last = self.param_groups[0], self.param_groups[-1]
-        for name in _GREEDY_KEYS + getattr(self, "_shared_keys", ()):
-            if last[name] != first[name]:
-                raise ValueError(
-                    f"Invalid {name}: {last[name]!r} in parameter group {len(self.param_groups) - 1} "
-                    f"differs from {first[name]!r} in group 0 (the statistics and the momentum "
-                    "solve span all groups, so it must be equal in every group)")
+        shared_hyperparameters(self.param_groups, _GREEDY_KEYS + getattr(self, "_shared_keys", ()),
+                               "the statistics and the momentum solve span all groups, so it must be "
+                               "equal in every group")
 
     # ---- state ----------------------------------------------------------------------------
 

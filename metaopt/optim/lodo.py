@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from metaopt.optim.utils import optimizer_state_bytes
+from metaopt.optim.utils import optimizer_state_bytes, shared_hyperparameters
 
 __all__ = [
     "LODO",
@@ -376,15 +376,8 @@ class LODO(torch.optim.Optimizer):
         self._shared()
 
     def _shared(self) -> dict[str, Any]:
-        first = self.param_groups[0]
-        for i, group in enumerate(self.param_groups[1:], start=1):
-            for name in _SHARED:
-                if group[name] != first[name]:
-                    raise ValueError(
-                        f"Invalid {name}: {group[name]!r} in parameter group {i} differs from "
-                        f"{first[name]!r} in group 0 (LODO learns one preconditioner for all "
-                        "groups; only lr may differ)")
-        return {name: first[name] for name in _SHARED}
+        return shared_hyperparameters(self.param_groups, _SHARED,
+                                      "LODO learns one preconditioner for all groups; only lr may differ")
 
     def _params(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"]]

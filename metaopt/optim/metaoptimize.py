@@ -27,6 +27,7 @@ from torch import Tensor
 
 from metaopt.optim._metaoptimize_foreach import FOREACH_UPDATES, share_trace_scale, trace_dot
 from metaopt.optim.pal import _RNGSnapshot
+from metaopt.optim.utils import shared_hyperparameters
 
 __all__ = ["BASES", "BASE_UPDATES", "METAS", "MetaOptimize", "MetaOptimizeFull", "VARIANTS",
            "meta_update"]
@@ -510,16 +511,10 @@ class MetaOptimize(torch.optim.Optimizer):
             self._check_layout()
 
     def _check_groups_agree(self) -> Hyper:
-        first = self.param_groups[0]
-        for i, group in enumerate(self.param_groups[1:], start=1):
-            for name in _GLOBAL_KEYS:
-                if group[name] != first[name]:
-                    raise ValueError(
-                        f"Invalid {name}: {group[name]!r} in parameter group {i} differs from "
-                        f"{first[name]!r} in group 0 (only {', '.join(_GROUP_KEYS)} may differ "
-                        "between groups)")
+        shared_hyperparameters(self.param_groups, _GLOBAL_KEYS,
+                               f"only {', '.join(_GROUP_KEYS)} may differ between groups")
         # Group 0 holds the optimizer-wide values (read-only here).
-        return first
+        return self.param_groups[0]
 
     def _layout(self) -> list[list[tuple[Tensor, Hyper]]]:
         """The blocks, each a list of ``(parameter, its group)`` in parameter order."""

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from metaopt.optim.utils import shared_hyperparameters
+
 __all__ = ["PAL", "pal_curvature", "pal_step_size"]
 
 Closure = Callable[[], Any]
@@ -239,16 +241,9 @@ class PAL(torch.optim.Optimizer):
         self._check_groups_agree()
 
     def _check_groups_agree(self) -> dict[str, Any]:
-        first = self.param_groups[0]
-        for i, group in enumerate(self.param_groups[1:], start=1):
-            for name in _HYPERPARAMETERS:
-                if group[name] != first[name]:
-                    raise ValueError(
-                        f"Invalid {name}: {group[name]!r} in parameter group {i} differs from "
-                        f"{first[name]!r} in group 0 (PAL searches one line through all groups, "
-                        "so hyperparameters must be equal across groups)"
-                    )
-        return {name: first[name] for name in _HYPERPARAMETERS}
+        return shared_hyperparameters(self.param_groups, _HYPERPARAMETERS,
+                                      "PAL searches one line through all groups, so hyperparameters "
+                                      "must be equal across groups")
 
     def _global_state(self) -> dict[str, Any]:
         # Optimizer-wide counters live in the first parameter's state, as in torch.optim.LBFGS,

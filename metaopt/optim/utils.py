@@ -22,6 +22,21 @@ def _tensor_bytes(obj: Any, seen: set[int]) -> int:
     return 0
 
 
+def shared_hyperparameters(param_groups: list[dict[str, Any]], names: Iterable[str], reason: str) -> dict[str, Any]:
+    """Values of optimizer-wide hyperparameters, which every parameter group must agree on.
+
+    Raises ``ValueError("Invalid <name>: ... in parameter group i differs from ... in group 0 (<reason>)")``.
+    """
+    first = param_groups[0]
+    names = tuple(names)
+    for i, group in enumerate(param_groups[1:], start=1):
+        for name in names:
+            if group[name] != first[name]:
+                raise ValueError(f"Invalid {name}: {group[name]!r} in parameter group {i} differs from "
+                                 f"{first[name]!r} in group 0 ({reason})")
+    return {name: first[name] for name in names}
+
+
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of tensors held in the optimizer's state (not the parameters themselves).
 
