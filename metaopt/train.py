@@ -29,7 +29,7 @@ from metaopt.config import config_dir, resolve_device, validate
 from metaopt.errors import ConfigError, MetaoptError, describe
 from metaopt.loggers import Logger, NullLogger, SafeLogger
 from metaopt.nn_utils import frozen_running_stats
-from metaopt.optim import optimizer_state_bytes, requires_closure
+from metaopt.optim import optimizer_state_bytes, requires_closure, set_mode
 from metaopt.progress import Progress
 from metaopt.runfiles import RunFiles, rng_state, seed_everything, set_rng_state
 from metaopt.tasks.base import Task
@@ -76,7 +76,20 @@ def _build(node: DictConfig, key: str, **kwargs: Any) -> Any:
         cause = exc.__cause__ or exc
         if isinstance(cause, MetaoptError):
             raise cause from None
+        missing = _missing_module(cause)
+        if missing:
+            raise ConfigError(f"{key} ({node.get('_target_')}): module {missing!r} is not installed (the peer "
+                              "optimizers come with: pip install 'metaopt[peers]')") from exc
         raise ConfigError(f"{key} ({node.get('_target_')}): {_first_line(cause)}") from exc
+
+
+def _missing_module(exc: BaseException | None) -> str | None:
+    """The module a ``_target_`` could not be imported for, if that is what went wrong."""
+    while exc is not None:
+        if isinstance(exc, ModuleNotFoundError):
+            return exc.name
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _call(factory: Callable[..., Any], key: str, target: str, *args: Any) -> Any:
@@ -183,7 +196,12 @@ class _Closure:
 
 
 def _evaluate(c: Components, split: str) -> dict[str, float]:
-    return {f"{'val' if split == 'validation' else split}/{k}": float(v) for k, v in c.task.evaluate(split).items()}
+    set_mode(c.optimizer, "eval")  # Schedule-Free: evaluate the averaged weights
+    try:
+        return {f"{'val' if split == 'validation' else split}/{k}": float(v)
+                for k, v in c.task.evaluate(split).items()}
+    finally:
+        set_mode(c.optimizer, "train")
 
 
 def _diagnostics(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -333,6 +351,7 @@ def _run(cfg: DictConfig, c: Components, files: RunFiles, logger: Logger, summar
     diverged = False
     clock = time.perf_counter()  # st.elapsed is brought up to date at each record and checkpoint
     c.model.train()
+    set_mode(c.optimizer, "train")
     try:
         while st.step < steps:
             batch = c.task.batch(st.step)

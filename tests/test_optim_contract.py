@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 
-from metaopt.optim import REGISTRY, requires_closure
+from metaopt.optim import REGISTRY, requires_closure, set_mode
 
 SPECS = sorted(REGISTRY.values(), key=lambda s: s.name)
 ids = [s.name for s in SPECS]
@@ -30,6 +30,7 @@ def rosenbrock(x: torch.Tensor) -> torch.Tensor:
 def run(spec, params, loss_fn, steps, opt=None):
     """Minimise ``loss_fn(params)`` (params: list of tensors) for ``steps``; return losses and optimizer."""
     opt = opt or spec.cls(params, **spec.kwargs)
+    set_mode(opt, "train")  # Schedule-Free peers refuse to step otherwise, as the loop does
     losses = []
 
     def closure():
@@ -152,6 +153,7 @@ def test_unsupported_param_groups_are_rejected(spec):
 def test_closure_declaration(spec):
     x = torch.zeros(3, requires_grad=True)
     opt = spec.cls([x], **spec.kwargs)
+    set_mode(opt, "train")
     assert requires_closure(opt) == spec.needs_closure
     # With a closure, every optimizer steps and returns the loss it evaluated.
     def closure():

@@ -11,7 +11,8 @@ from metaopt.optim.greedy import GreedyAdam, GreedySGD
 from metaopt.optim.lodo import LODO
 from metaopt.optim.metaoptimize import MetaOptimize, MetaOptimizeFull
 from metaopt.optim.pal import PAL
-from metaopt.optim.registry import REGISTRY, OptimizerSpec, register, requires_closure
+from metaopt.optim.peers import register_installed
+from metaopt.optim.registry import REGISTRY, OptimizerSpec, register, requires_closure, set_mode
 from metaopt.optim.utils import optimizer_state_bytes
 
 _BAD_LR = ({"lr": -1.0}, "learning rate")
@@ -83,5 +84,8 @@ register("learned_rnn", Learned, invalid=_LEARNED_INVALID,
 register("learned_mlp", Learned, invalid=_LEARNED_INVALID,
          kwargs={"lr": 1.0, "lopt": MLPOptimizer(init="adam", step_mult=0.02)})
 
+# Prodigy, D-Adaptation, Schedule-Free: only when `pip install 'metaopt[peers]'` brought them.
+PEERS = register_installed()
+
 __all__ = ["LODO", "PAL", "REGISTRY", "GreedyAdam", "GreedySGD", "Learned", "MetaOptimize", "MetaOptimizeFull",
-           "OptimizerSpec", "optimizer_state_bytes", "register", "requires_closure"]
+           "OptimizerSpec", "optimizer_state_bytes", "PEERS", "register", "requires_closure", "set_mode"]

@@ -57,3 +57,18 @@ def requires_closure(optimizer: torch.optim.Optimizer) -> bool:
     if declared is not None:
         return bool(declared)
     return any(spec.needs_closure and isinstance(optimizer, spec.cls) for spec in REGISTRY.values())
+
+
+def set_mode(optimizer: torch.optim.Optimizer, mode: str) -> None:
+    """Switch an optimizer that keeps separate training and evaluation weights to ``mode``.
+
+    Schedule-Free optimizers (Defazio et al., NeurIPS 2024) take gradients at an interpolation of
+    the iterate and its average but must be evaluated at the average; they expose ``train()`` and
+    ``eval()``, which the training loop calls around every evaluation. Optimizers without them are
+    left alone. ``mode`` is ``"train"`` or ``"eval"``.
+    """
+    if mode not in ("train", "eval"):
+        raise ValueError(f"mode: expected 'train' or 'eval', got {mode!r}")
+    switch = getattr(optimizer, mode, None)
+    if callable(switch):
+        switch()

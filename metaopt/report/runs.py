@@ -194,7 +194,11 @@ def _natural(name: str) -> tuple[int, int | str]:
 
 
 def planned_jobs(sweep_dir: Path) -> int | None:
-    """How many jobs the basic sweeper launches for ``multirun.yaml``'s overrides (None: can't tell)."""
+    """How many jobs the sweep launched: the suite sweeper's list, or the basic sweeper's product of
+    ``multirun.yaml``'s overrides (None: can't tell)."""
+    suite = sweep_dir / "suite_jobs.txt"  # the suite sweeper lists the jobs it launched
+    if suite.exists():
+        return sum(1 for line in suite.read_text().splitlines() if line.strip())
     path = sweep_dir / "multirun.yaml"
     try:
         cfg = yaml.safe_load(path.read_text())

@@ -1,0 +1,74 @@
+"""metaopt's suite sweeper as a Hydra plugin (``hydra/sweeper=suite``, ``conf/hydra/sweeper/suite.yaml``).
+
+Sweeps tasks × optimizers × each optimizer's own grid × the ordinary ``params`` (seeds); the
+expansion and its checks are :func:`metaopt.sweeper.plan`. Unlike Hydra's basic sweeper, a failed
+job does not raise at the end of the sweep: every job runs, the report counts failures as failures,
+and the sweeper logs how many failed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.utils import JobStatus
+from omegaconf import OmegaConf
+
+from metaopt.errors import describe
+from metaopt.sweeper import SELECTORS, plan
+
+log = logging.getLogger(__name__)
+
+class SuiteSweeper(BasicSweeper):
+    """Sweeps ``tasks`` × ``optimizers`` (each with its own ``grid``) × the ordinary ``params``."""
+
+    def __init__(self, tasks: Mapping[str, Any], optimizers: Mapping[str, Any], max_batch_size: int | None = None,
+                 params: Mapping[str, str] | None = None, equal_budget: bool = True) -> None:
+        super().__init__(max_batch_size=max_batch_size, params=dict(params or {}))
+        self.tasks = OmegaConf.to_container(tasks) if OmegaConf.is_config(tasks) else dict(tasks)
+        self.optimizers = OmegaConf.to_container(optimizers) if OmegaConf.is_config(optimizers) else dict(optimizers)
+        self.equal_budget = equal_budget
+
+    def sweep(self, arguments: list[str]) -> Any:
+        assert self.config is not None and self.launcher is not None and self.hydra_context is not None
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        selected: dict[str, list[str] | None] = {}
+        rest = []
+        for override in parser.parse_overrides([f"{k}={v}" for k, v in self.params.items()] + list(arguments)):
+            key = override.get_key_element()
+            if key in SELECTORS:
+                selected[key] = (list(override.sweep_string_iterator()) if override.is_sweep_override()
+                                 else [override.get_value_element_as_str()])
+            else:
+                rest.append(override)
+        suite, skipped = plan(self.tasks, self.optimizers, selected, self.equal_budget)
+        for s in skipped:
+            log.warning("suite: skipping optimizer %s", s)
+        base = self.split_arguments(rest, None)[0]  # the ordinary product (seeds, fixed overrides)
+        jobs = [[*point, *b] for point in suite for b in base]
+        log.info("suite: %d jobs (%d task × optimizer × grid points × %d)", len(jobs), len(suite), len(base))
+
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        # The report's check for jobs that left no run dir reads this.
+        (sweep_dir / "suite_jobs.txt").write_text("".join(" ".join(j) + "\n" for j in jobs))
+        batch_size = self.max_batch_size or len(jobs)
+        returns, failed, index = [], [], 0
+        for start in range(0, len(jobs), batch_size):
+            batch = jobs[start:start + batch_size]
+            self.validate_batch_is_legal(batch)
+            results = self.launcher.launch(batch, initial_job_idx=index)
+            for offset, r in enumerate(results):
+                if r.status == JobStatus.FAILED:
+                    failed.append(f"job {index + offset} ({' '.join(batch[offset])}): {describe(r._return_value)}")
+            index += len(batch)
+            returns.append(results)
+        if failed:
+            log.warning("suite: %d of %d jobs failed (the report counts them as failures):\n  %s",
+                        len(failed), len(jobs), "\n  ".join(failed[:20]))
+        return returns
