@@ -1,9 +1,13 @@
 """Cost benchmarks (scripts, not tests): ``python -m metaopt.bench {steps,loop} [options]``.
 
 ``steps``: each optimizer's full training step (forward, backward, optimizer step; a closure
-optimizer's extra passes included) relative to ``torch.optim.Adam`` on the same task, measured in
-one process and interleaved so drift and other load hit every optimizer alike. Optimizers are
-built from their ``conf/optimizer/<name>.yaml``.
+optimizer's extra passes included) relative to ``torch.optim.Adam(foreach=True)`` on the same task,
+measured in one process and interleaved so drift and other load hit every optimizer alike: each
+round times a block of steps of every optimizer, the ratio is taken per round, and the table gives
+the median ratio over rounds with its min–max. Also each optimizer's state bytes per model
+parameter. Optimizers are built from their ``conf/optimizer/<name>.yaml`` (default: every one).
+Tasks: the mnist1d MLP and ResNet-20 (CIFAR-10 at batch 128; without the data on disk, random images
+in the genuine format stand in: the step's cost does not depend on pixel values).
 
 ``meta``: meta-steps per second of a meta-training preset (default ``experiment=lopt_linreg``),
 from the outer trainer's own per-step clock (held-out evaluation excluded).
@@ -28,7 +32,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
 from metaopt.config import config_dir
-from metaopt.optim import requires_closure
+from metaopt.optim import optimizer_state_bytes, requires_closure, set_mode
 
 
 def _cfg(*overrides: str) -> DictConfig:
@@ -42,14 +46,18 @@ def _cfg(*overrides: str) -> DictConfig:
 class _Stepper:
     """One task + optimizer, stepping as the training loop does, timed per block of steps."""
 
-    def __init__(self, task_name: str, optimizer_name: str, seed: int, extra: list[str]):
+    def __init__(self, task_name: str, optimizer_name: str, seed: int, extra: list[str], **optimizer_kwargs):
         cfg = _cfg(f"task={task_name}", f"optimizer={optimizer_name}", *extra)
         torch.manual_seed(seed)
         self.task = instantiate(cfg.task, seed=seed, device="cpu")
         self.model = self.task.model
-        self.optimizer = instantiate(cfg.optimizer)(self.model.parameters())
+        self.optimizer = instantiate(cfg.optimizer)(self.model.parameters(), **optimizer_kwargs)
+        set_mode(self.optimizer, "train")
         self.closure_needed = requires_closure(self.optimizer)
         self.step_index = 0
+
+    def state_bytes_per_param(self) -> float:
+        return optimizer_state_bytes(self.optimizer) / sum(p.numel() for p in self.model.parameters())
 
     def _closure(self, batch):
         def closure():
@@ -75,19 +83,74 @@ class _Stepper:
         return (time.perf_counter() - start) / steps
 
 
-def bench_steps(task: str, optimizers: list[str], steps: int, rounds: int, extra: list[str]) -> dict:
-    names = ["adam", *[n for n in optimizers if n != "adam"]]
-    steppers = {n: _Stepper(task, n, 0, extra) for n in names}
-    for s in steppers.values():
-        s.run(max(1, steps // 5))  # warm-up: allocations, lazy state
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(rounds):
-        order = names if r % 2 == 0 else names[::-1]
-        for n in order:
-            times[n].append(steppers[n].run(steps))
-    base = statistics.median(times["adam"])
-    return {n: {"step_ms": 1e3 * statistics.median(t), "relative_to_adam": statistics.median(t) / base,
-                "spread": (max(t) - min(t)) / statistics.median(t)} for n, t in times.items()}
+BASELINE = "adam (foreach)"
+
+
+def all_optimizers() -> list[str]:
+    """Every optimizer with a config whose class imports (peers only when installed)."""
+    from metaopt.optim import REGISTRY
+
+    return sorted(p.stem for p in (config_dir() / "optimizer").glob("*.yaml") if p.stem in REGISTRY)
+
+
+def _task_extra(task: str, extra: list[str], scratch: Path) -> list[str]:
+    """ResNet without CIFAR-10 on disk: random images in the genuine format (timing only)."""
+    if task != "resnet" or any(o.startswith(("paths.data_dir=", "task.data_dir=")) for o in extra):
+        return extra
+    from metaopt.data.cifar10 import cifar10_folder, write_fake_cifar10
+
+    data_dir = Path(str(_cfg("task=resnet").paths.data_dir))
+    if cifar10_folder(data_dir).exists():
+        return extra
+    print(f"note: no CIFAR-10 under {data_dir}: timing ResNet-20 on random images (same cost per step)")
+    write_fake_cifar10(scratch, n_train=6000, n_test=100)
+    return [f"paths.data_dir={scratch}", "task.n_val=1000", *extra]
+
+
+def bench_steps(task: str, optimizers: list[str], steps: int, rounds: int, extra: list[str],
+                progress: bool = True) -> dict:
+    """Median over rounds of each optimizer's step time divided by Adam's in the same round."""
+    from tqdm import tqdm
+
+    progress = progress and sys.stderr.isatty()
+    names = [BASELINE, *optimizers]
+    with tempfile.TemporaryDirectory() as scratch:
+        extra = _task_extra(task, extra, Path(scratch))
+        steppers = {n: (_Stepper(task, "adam", 0, extra, foreach=True) if n == BASELINE else _Stepper(task, n, 0, extra))
+                    for n in tqdm(names, desc=f"{task}: build", disable=not progress, leave=False)}
+        for s in steppers.values():
+            s.run(max(1, steps // 5))  # warm-up: allocations, lazy state
+        times: dict[str, list[float]] = {n: [] for n in names}
+        for r in tqdm(range(rounds), desc=f"{task}: rounds", disable=not progress, leave=False):
+            order = names if r % 2 == 0 else names[::-1]
+            for n in order:
+                times[n].append(steppers[n].run(steps))
+    base = times[BASELINE]
+    out = {}
+    for n, t in times.items():
+        ratios = [a / b for a, b in zip(t, base)]
+        out[n] = {"step_ms": 1e3 * statistics.median(t), "relative_to_adam": statistics.median(ratios),
+                  "ratio_min": min(ratios), "ratio_max": max(ratios),
+                  "state_bytes_per_param": steppers[n].state_bytes_per_param()}
+    return out
+
+
+def steps_table(results: dict[str, dict], header: str) -> str:
+    """Markdown: one row per optimizer, one column group per task."""
+    tasks = list(results)
+    names = list(dict.fromkeys(n for r in results.values() for n in r))
+    lines = [header, "", "| optimizer | " + " | ".join(f"{t}: ms/step | {t}: × Adam [min–max]" for t in tasks)
+             + f" | state B/param ({tasks[0]}) |", "|---|" + "---:|---:|" * len(tasks) + "---:|"]
+    for n in names:
+        cells = []
+        for t in tasks:
+            r = results[t].get(n)
+            cells += (["—", "—"] if r is None else
+                      [f"{r['step_ms']:.2f}", f"{r['relative_to_adam']:.2f} [{r['ratio_min']:.2f}–{r['ratio_max']:.2f}]"])
+        first = results[tasks[0]].get(n)
+        state = "—" if first is None else f"{first['state_bytes_per_param']:.1f}"
+        lines.append(f"| {n} | " + " | ".join(cells) + f" | {state} |")
+    return "\n".join(lines) + "\n"
 
 
 def bench_loop(task: str, optimizer: str, steps: int, rounds: int, extra: list[str]) -> dict:
@@ -125,8 +188,9 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p_steps = sub.add_parser("steps", help="optimizer step cost relative to Adam")
-    p_steps.add_argument("--optimizers", default="sgd,momentum,adam,rmsprop,pal",
-                         help="comma-separated conf/optimizer names")
+    p_steps.add_argument("--optimizers", default="all",
+                         help="comma-separated conf/optimizer names, or all (every registered one)")
+    p_steps.add_argument("--markdown", type=Path, help="also write the table as markdown here")
     p_loop = sub.add_parser("loop", help="training-loop overhead over a bare PyTorch loop")
     p_loop.add_argument("--optimizer", default="adam")
     p_meta = sub.add_parser("meta", help="meta-training speed (meta-steps per second)")
@@ -135,8 +199,8 @@ def main(argv: list[str] | None = None) -> None:
     p_meta.add_argument("--out", type=Path, help="also write the result as JSON here")
     p_meta.add_argument("--threads", type=int, help="torch intra-op threads")
     p_meta.add_argument("overrides", nargs="*", help="extra config overrides")
-    for p, steps, rounds in ((p_steps, 200, 7), (p_loop, 2000, 5)):
-        p.add_argument("--task", default="mnist1d")
+    for p, steps, rounds, task in ((p_steps, 50, 7, "mnist1d,resnet"), (p_loop, 2000, 5, "mnist1d")):
+        p.add_argument("--task", default=task, help="task config name" + ("s, comma-separated" if p is p_steps else ""))
         p.add_argument("--steps", type=int, default=steps, help="steps per timed block")
         p.add_argument("--rounds", type=int, default=rounds, help="interleaved repetitions (median)")
         p.add_argument("--out", type=Path, help="also write the result as JSON here")
@@ -152,10 +216,15 @@ def main(argv: list[str] | None = None) -> None:
         print(f"experiment={args.experiment}: {result['meta_step_s']:.3f} s per meta-step, "
               f"{result['meta_steps_per_s']:.2f} meta-steps/s over {args.steps} meta-steps")
     elif args.command == "steps":
-        result = bench_steps(args.task, args.optimizers.split(","), args.steps, args.rounds, args.overrides)
-        print(f"{'optimizer':<24}{'ms/step':>10}{'× Adam':>9}{'spread':>9}   task={args.task}")
-        for name, r in result.items():
-            print(f"{name:<24}{r['step_ms']:>10.3f}{r['relative_to_adam']:>9.3f}{r['spread']:>9.2f}")
+        names = all_optimizers() if args.optimizers == "all" else args.optimizers.split(",")
+        result = {t: bench_steps(t, names, args.steps, args.rounds, args.overrides) for t in args.task.split(",")}
+        table = steps_table(result, f"Step cost relative to torch.optim.Adam(foreach=True): median over {args.rounds} "
+                            f"interleaved rounds of {args.steps} steps [min–max], torch {torch.__version__}, "
+                            f"{torch.get_num_threads()} thread(s), CPU. Command: `python -m metaopt.bench "
+                            f"{' '.join(argv if argv is not None else sys.argv[1:])}`")
+        print(table)
+        if args.markdown:
+            args.markdown.write_text(table)
     else:
         result = bench_loop(args.task, args.optimizer, args.steps, args.rounds, args.overrides)
         print(f"task={args.task} optimizer={args.optimizer} steps={args.steps} rounds={args.rounds}: "
