@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 import numpy as np
@@ -87,6 +88,29 @@ def colours(analysis: Analysis) -> dict[str, tuple]:
     return {m: cmap(i % cmap.N) for i, m in enumerate(analysis.optimizers)}
 
 
+# Beyond this many methods, per-axis legends hide the curves: one legend for the figure, below it.
+_MAX_AXIS_LEGEND = 6
+
+
+def _legend(fig, axes, n_methods: int, loc: str = "best") -> None:
+    """Per-axis legends for a few methods; for many, one figure legend (first label of each)."""
+    if n_methods <= _MAX_AXIS_LEGEND:
+        for ax in axes.flat:
+            if ax.get_visible() and ax.has_data() and ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7, loc=loc)
+        fig.tight_layout()
+        return
+    handles: dict[str, Any] = {}
+    for ax in axes.flat:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    ncol = min(6, max(1, len(handles)))
+    rows = math.ceil(len(handles) / ncol)
+    height = fig.get_figheight()
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=ncol, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, min(0.4, (0.18 * rows + 0.1) / height), 1, 1))
+
+
 def _label(s: Setting) -> str:
     bad = s.count("diverged") + s.count("failed")
     text = f"{s.optimizer} {s.setting}".strip()
@@ -107,7 +131,8 @@ def _grid(n_tasks: int, rows_per_task: int, width: float = 4.2, height: float = 
     return fig, axes, cols
 
 
-def _panel(ax, settings: list[Setting], key: str, measure: str, colour: dict, worst: float) -> list[np.ndarray]:
+def _panel(ax, settings: list[Setting], key: str, measure: str, colour: dict, worst: float,
+           short: bool = False) -> list[np.ndarray]:
     drawn = []
     for s in settings:
         agg = aggregate(s.runs, key, measure, worst)
@@ -115,7 +140,8 @@ def _panel(ax, settings: list[Setting], key: str, measure: str, colour: dict, wo
             continue
         x, med, lo, hi, _ = agg
         c = colour[s.optimizer]
-        ax.plot(x, np.where(np.isfinite(med), med, np.nan), color=c, lw=1.6, label=_label(s))
+        ax.plot(x, np.where(np.isfinite(med), med, np.nan), color=c, lw=1.6,
+                label=s.optimizer if short else _label(s))
         ax.fill_between(x, lo, hi, color=c, alpha=0.18, lw=0)
         ends = _ends(s.runs, key, measure)
         if ends:
@@ -134,8 +160,9 @@ def loss_curves(analysis: Analysis, measure: str, path: Path) -> Path:
         chosen = analysis.chosen(task)
         ax_train = axes[2 * (i // cols), i % cols]
         ax_val = axes[2 * (i // cols) + 1, i % cols]
-        _log_if_wide(ax_train, _panel(ax_train, chosen, "train/loss", measure, colour, math.inf))
-        drawn = _panel(ax_val, chosen, target.metric, measure, colour, target.worst)
+        short = len(analysis.optimizers) > _MAX_AXIS_LEGEND  # chosen settings: in the table
+        _log_if_wide(ax_train, _panel(ax_train, chosen, "train/loss", measure, colour, math.inf, short))
+        drawn = _panel(ax_val, chosen, target.metric, measure, colour, target.worst, short)
         if target.value is not None:
             ax_val.axhline(target.value, color="0.35", ls="--", lw=1, label=f"target ({target.source})")
             drawn.append(np.array([target.value]))
@@ -146,11 +173,9 @@ def loss_curves(analysis: Analysis, measure: str, path: Path) -> Path:
         ax_val.set_xlabel(X_LABELS[measure])
         for ax in (ax_train, ax_val):
             ax.grid(alpha=0.3, which="both")
-        if ax_val.has_data():
-            ax_val.legend(fontsize=7, loc="best")
     _hide_unused(axes, len(tasks), cols, 2)
     fig.suptitle(f"Loss against {measure}\nmedian over seeds, band min–max, × a seed that diverged", fontsize=9)
-    fig.tight_layout()
+    _legend(fig, axes[1::2], len(analysis.optimizers))  # validation rows: they carry the target line
     fig.savefig(path, dpi=110)
     return path
 
@@ -197,11 +222,9 @@ def lr_curves(analysis: Analysis, path: Path) -> Path:
         ax.set_xlabel("steps")
         ax.set_ylabel("effective learning rate")
         ax.grid(alpha=0.3, which="both")
-        if ax.has_data():
-            ax.legend(fontsize=7, loc="best")
     _hide_unused(axes, len(tasks), cols, 1)
     fig.suptitle("Effective learning rate\nsolid: reported by the optimizer; dashed: the scheduled lr", fontsize=9)
-    fig.tight_layout()
+    _legend(fig, axes, len(analysis.optimizers))
     fig.savefig(path, dpi=110)
     return path
 
@@ -231,10 +254,13 @@ def profile_plot(analysis: Analysis, profiles: dict[str, Profile], path: Path) -
         ax.set_ylabel("fraction of tasks")
         ax.set_title(f"{measure} to target ({len(prof.tasks)} tasks)", fontsize=10)
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7, loc="lower right")
+        if len(prof.methods) > _MAX_AXIS_LEGEND:  # one legend for all three: names only (scores: table)
+            for line, m in zip(ax.get_lines(), prof.methods):
+                line.set_label(m)
     fig.suptitle("Performance profiles: never reached or diverged = ∞; score = ∫₁⁴ ρ(τ) dτ / 3 (AlgoPerf)",
                  fontsize=10)
-    fig.tight_layout()
+    _legend(fig, axes[:, :1] if len(analysis.optimizers) > _MAX_AXIS_LEGEND else axes,
+            len(analysis.optimizers), loc="lower right")
     fig.savefig(path, dpi=110)
     return path
 
