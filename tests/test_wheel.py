@@ -24,6 +24,9 @@ def test_wheel_ships_the_config_tree_and_runs_from_elsewhere(tmp_path, data_dir)
     shipped = {Path(n).relative_to("metaopt/conf").as_posix() for n in names if n.startswith("metaopt/conf/")}
     in_repo = {p.relative_to(ROOT / "conf").as_posix() for p in (ROOT / "conf").rglob("*") if p.is_file()}
     assert in_repo <= shipped
+    # The suite sweeper is a Hydra plugin: a module of the hydra_plugins namespace package (no __init__).
+    assert "hydra_plugins/metaopt_sweeper/suite_sweeper.py" in names
+    assert "hydra_plugins/__init__.py" not in names
 
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
@@ -40,3 +43,11 @@ def test_wheel_ships_the_config_tree_and_runs_from_elsewhere(tmp_path, data_dir)
     assert proc.returncode == 0, proc.stderr
     (summary,) = (elsewhere / "outputs" / "runs").glob("*/*/summary.json")
     assert json.loads(summary.read_text())["status"] == "completed"
+
+    # Hydra finds the wheel's sweeper plugin beside the other hydra_plugins (joblib, submitit).
+    proc = subprocess.run([sys.executable, "-m", "metaopt", "-m", "experiment=bench_small", "task=linreg",
+                           "optimizer=sgd", "seed=0", "hydra.sweeper.tasks.linreg={trainer.steps: 10}",
+                           "hydra.sweep.dir=suite"], cwd=elsewhere, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(list((elsewhere / "suite").glob("*/summary.json"))) == 4
