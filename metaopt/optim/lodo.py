@@ -32,6 +32,7 @@ __all__ = [
     "diagonal_init",
     "diagonal_precondition",
     "hessian_approximation_error",
+    "hessian_approximation_errors",
     "hidden_size",
     "network_bilinear_grad",
     "network_init",
@@ -48,9 +49,11 @@ META_OPTIMIZERS = ("adam", "sgd")
 _SHARED = ("meta_lr", "beta", "n_layers", "block_size", "hidden_factor", "preconditioner",
            "meta_optimizer", "seed")
 
-# Below this many elements one broadcast product beats k² in-place products, whose per-call
-# overhead dominates on small vectors; on CUDA the broadcast form always wins (fewer kernels).
-_SMALL = 1 << 20
+# On the CPU a block layer is applied as k broadcast multiply-adds (one per input row of the
+# blocks), which beats a single (B, k, k, h/k) broadcast product and its strided sum once there
+# are two vectors, and never allocates more than the output; on CUDA the one-kernel broadcast
+# form wins. Tests flip this to run both paths on the CPU.
+_LOOP_ON_CPU = True
 
 
 # --------------------------------------------------------------------------------------------
@@ -90,30 +93,27 @@ def network_init(n: int, n_layers: int, block_size: int, hidden_factor: float,
 
 def _blocks_apply(w: Tensor, x: Tensor) -> Tensor:
     """``y[b, o, j] = Σ_i w[o, i, j]·x[b, i, j]``: every block times its slice of each vector."""
-    k = w.shape[0]
-    if x.device.type != "cpu" or x.numel() * k < _SMALL:
+    if not (_LOOP_ON_CPU and x.device.type == "cpu"):
         return (w * x.unsqueeze(1)).sum(2)
-    y = torch.empty_like(x)
-    for o in range(k):
-        y_o = y[:, o]
-        torch.mul(x[:, 0], w[o, 0], out=y_o)
-        for i in range(1, k):
-            y_o.addcmul_(x[:, i], w[o, i])
+    # unbind: one call for all k views instead of k slicing calls (dispatch dominates at small h)
+    w_cols = w.unbind(1)
+    x_rows = x.unsqueeze(2).unbind(1)
+    y = torch.mul(w_cols[0], x_rows[0])
+    for i in range(1, len(w_cols)):
+        y.addcmul_(w_cols[i], x_rows[i])
     return y
 
 
-def _blocks_outer(delta: Tensor, z: Tensor) -> Tensor:
-    """``d[o, i, j] = Σ_b delta[b, o, j]·z[b, i, j]``: the gradient of a block layer's weights."""
-    k = z.shape[1]
-    if z.device.type != "cpu" or z.numel() * k < _SMALL:
-        return (delta.unsqueeze(2) * z.unsqueeze(1)).sum(0)
-    d = z.new_empty(k, k, z.shape[2])
-    for o in range(k):
-        for i in range(k):
-            torch.mul(delta[0, o], z[0, i], out=d[o, i])
-            for b in range(1, z.shape[0]):
-                d[o, i].addcmul_(delta[b, o], z[b, i])
-    return d
+def _blocks_outer(delta: Tensor, z: Tensor, out: Tensor) -> Tensor:
+    """``out[o, i, j] = Σ_b delta[b, o, j]·z[b, i, j]``: the gradient of a block layer's weights.
+
+    One product per batch row, written straight into ``out`` (a slice of the gradient): a
+    broadcast over the batch would allocate a (B, k, k, h/k) temporary and then copy its sum.
+    """
+    torch.mul(delta[0].unsqueeze(1), z[0].unsqueeze(0), out=out)
+    for b in range(1, z.shape[0]):
+        out.addcmul_(delta[b].unsqueeze(1), z[b].unsqueeze(0))
+    return out
 
 
 def _pad(v: Tensor, h: int) -> Tensor:
@@ -160,11 +160,11 @@ def network_bilinear_grad(blocks: Tensor, perms: Tensor, inv_perms: Tensor, a: T
     h, n_layers = perms.shape[1], blocks.shape[0]
     k, nb = blocks.shape[1], blocks.shape[3]
     inputs: list[Tensor] = []
-    out = _forward(blocks, perms, _pad(torch.stack([a, b]), h), keep=inputs)
-    delta = out.flip(0).view(2, k, nb)  # d(u·v)/du = v and d(u·v)/dv = u
+    ends = _forward(blocks, perms, _pad(torch.stack([a, b]), h), keep=inputs)
+    delta = ends.flip(0).view(2, k, nb)  # d(u·v)/du = v and d(u·v)/dv = u
     grad = torch.empty_like(blocks)
     for layer in range(n_layers - 1, -1, -1):
-        grad[layer] = _blocks_outer(delta, inputs[layer])
+        _blocks_outer(delta, inputs[layer], grad[layer])
         if layer > 0:
             back = _blocks_apply(blocks[layer].transpose(0, 1), delta).view(2, h)
             delta = back.index_select(1, inv_perms[layer]).view(2, k, nb)
@@ -186,26 +186,47 @@ def diagonal_bilinear_grad(a: Tensor, b: Tensor) -> Tensor:
     return a * b
 
 
-def hessian_approximation_error(precondition: Callable[[Tensor], Tensor],
-                                hvp: Callable[[Tensor], Tensor], n: int, probes: int | None = None,
-                                generator: torch.Generator | None = None, dtype: torch.dtype =
-                                torch.float32, device: torch.device | str = "cpu") -> float:
-    """``‖I − P H‖_F / √n``, the measure of Liao et al. (2023) of how far ``P`` is from ``H⁻¹``.
+def hessian_approximation_errors(precondition: Callable[[Tensor], Tensor],
+                                 hvp: Callable[[Tensor], Tensor], n: int,
+                                 scales: Sequence[float] = (1.0,), probes: int | None = None,
+                                 generator: torch.Generator | None = None,
+                                 dtype: torch.dtype = torch.float32,
+                                 device: torch.device | str = "cpu") -> list[float]:
+    """``‖I − s·P H‖_F / √n`` for each ``s`` in ``scales``, from one set of products.
 
-    ``precondition`` and ``hvp`` map a batch of vectors (B, n) to ``P v`` and ``H v``. With
-    ``probes=None`` the norm is exact, from the n columns (n Hessian-vector products); otherwise it
-    is Hutchinson's estimate ``E‖(I − PH) z‖²`` over ``probes`` Rademacher vectors ``z`` drawn from
-    ``generator``, which keeps the global random state untouched.
+    See :func:`hessian_approximation_error`; the products ``P H z`` are shared, so several scales
+    cost no more Hessian-vector products than one.
     """
     if probes is None:
         z = torch.eye(n, dtype=dtype, device=device)
     else:
         z = torch.randint(0, 2, (probes, n), generator=generator, dtype=torch.int64)
         z = (2 * z - 1).to(dtype=dtype, device=device)
-    r = z - precondition(hvp(z))
-    # Exact: ‖M‖_F² is the sum over all columns. Estimate: E‖Mz‖² = ‖M‖_F² for Rademacher z.
-    frob_sq = float(r.double().square().sum()) / (1 if probes is None else probes)
-    return math.sqrt(frob_sq / n)
+    phz = precondition(hvp(z)).double()
+    z = z.double()
+    out = []
+    for s in scales:
+        # Exact: ‖M‖_F² is the sum over all columns. Estimate: E‖Mz‖² = ‖M‖_F² for Rademacher z.
+        frob_sq = float((z - s * phz).square().sum()) / (1 if probes is None else probes)
+        out.append(math.sqrt(frob_sq / n))
+    return out
+
+
+def hessian_approximation_error(precondition: Callable[[Tensor], Tensor],
+                                hvp: Callable[[Tensor], Tensor], n: int, probes: int | None = None,
+                                generator: torch.Generator | None = None, dtype: torch.dtype =
+                                torch.float32, device: torch.device | str = "cpu",
+                                scale: float = 1.0) -> float:
+    """``‖I − s·P H‖_F / √n``, the measure of Liao et al. (2023) of how far ``P`` is from ``H⁻¹``.
+
+    ``precondition`` and ``hvp`` map a batch of vectors (B, n) to ``P v`` and ``H v``; ``s`` is
+    ``scale`` (1 in the paper). With ``probes=None`` the norm is exact, from the n columns (n
+    Hessian-vector products); otherwise it is Hutchinson's estimate ``E‖(I − sPH) z‖²`` over
+    ``probes`` Rademacher vectors ``z`` drawn from ``generator``, which keeps the global random
+    state untouched.
+    """
+    return hessian_approximation_errors(precondition, hvp, n, (scale,), probes, generator, dtype,
+                                        device)[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -302,17 +323,33 @@ class LODO(torch.optim.Optimizer):
     ``meta_optimizer="sgd"`` (≈ 772 B), or the ``diagonal`` preconditioner (≈ 16 B with Adam);
     e.g. ``n_layers=4, block_size=2, hidden_factor=1`` gives ≈ 132 B.
 
-    Time: O(L·k·h) per step (about eight passes of a length-h vector through L layers, plus the
-    meta-optimizer's pass over φ). Measured with :mod:`metaopt.experiments.lodo_step_cost`
+    Time: O(L·k·h) per step: six passes of a length-h vector through L layers (forward and
+    transpose for ``G m``; forward and back for the hypergradient, on a batch of two), each a
+    gather and k multiply-adds per layer, plus the meta-optimizer's pass over φ. φ-sized arrays
+    are read or written about a dozen times per step (four reads of φ, the meta-gradient, fused
+    Adam's seven), so on CPUs the step is bound by memory traffic of ~128·12 floats per model
+    parameter where Adam moves ~7. Measured with :mod:`metaopt.experiments.lodo_step_cost`
     (batch 128, full training step): ResNet-20 1.4× Adam's step on an H100, 4.0× on 16 CPU
     cores (1.8× on 2 cores, :mod:`metaopt.bench`); the mnist1d MLP (15k parameters, where
     per-operation overhead dominates) 5.2× on the H100 and 18–19× on CPUs. With
-    ``n_layers=4, block_size=2, hidden_factor=1``: 1.2× and 1.3× on ResNet-20.
+    ``n_layers=4, block_size=2, hidden_factor=1``: 1.2× and 1.3× on ResNet-20. On one thread of
+    a shared 2-core EPYC the MLP's LODO step takes 14–16 ms of CPU time (2.7 ms of it Adam on φ,
+    2.4 ms per-call overhead), 13–16× Adam's full training step in :mod:`metaopt.bench`.
 
-    Momentum and the learnt preconditioner: with β > 0 the one-step hypergradient vanishes where
-    the greedy step along the momentum is best, not at ``lr·G = H⁻¹``. On the paper's noisy
-    quadratic bowl the β = 0 ablation is the one whose ``‖I − lr·G H‖`` falls (0.88 → 0.78 in
-    6000 steps); with β = 0.9 it stays near 0.9 while the loss still improves on fixed G.
+    Momentum and the learnt preconditioner: with β > 0 the one-step hypergradient is stationary
+    at ``D·G = (1 + β)·H⁻¹``, not at ``H⁻¹``. On the paper's bowl, whose minimum ``c_t``
+    random-walks with full-rank steps ξ while gradients are exact, write ``x = θ − c``,
+    ``P = D·G`` (fixed), so ``x_{t+1} = x_t − P m_t − ξ_{t+1}`` and ``g = H x``, and take
+    stationary second moments ``X = E[x xᵀ]``, ``C = E[x mᵀ]``, ``V = E[m mᵀ]``. The expected
+    meta-gradient is ``−H·E[x_{t+1} m_tᵀ] = −H(C − P V)``; where it vanishes,
+    ``m_{t+1} = β m_t + (1 − β) H x_{t+1}`` gives ``C = (1 − β) X H`` and
+    ``V = (1 − β)/(1 + β)·H X H``, so ``C = P V`` forces ``P H = (1 + β) I`` whatever the spectrum
+    and the walk's covariance. The paper's measure ``‖I − D G H‖_F/√n`` therefore tends to β (0.9 at the
+    default), above its starting value 0.88 on the paper's noisy bowl, while
+    ``‖I − D G H/(1 + β)‖_F/√n`` falls (0.93 → 0.74 in 20k steps there); :meth:`hessian_errors`
+    reports both. (1 + β)·H⁻¹ is also the best multiple of H⁻¹ for the loss of heavy-ball
+    momentum on that bowl, whose stationary loss is then 39.0 at β = 0.9 against 7.4 at β = 0:
+    momentum's lag, not the learnt preconditioner, keeps the default's loss high there.
 
     Warning: departures from the paper and its reference code (iliao2345/l2o_quasi_newton_cleaned):
 
@@ -457,16 +494,31 @@ class LODO(torch.optim.Optimizer):
         v = v.to(device=self._phi.device, dtype=self._phi.dtype)
         return self._scale(self._precondition(v), self._group_scales())
 
-    def hessian_error(self, hvp: Callable[[Tensor], Tensor], probes: int | None = None,
-                      generator: torch.Generator | None = None) -> float:
-        """``‖I − D G_φ H‖_F/√n`` with ``H v = hvp(v)`` for batches (B, n) of flat vectors.
+    def hessian_errors(self, hvp: Callable[[Tensor], Tensor], probes: int | None = None,
+                       generator: torch.Generator | None = None) -> dict[str, float]:
+        """The paper's ``‖I − D G_φ H‖_F/√n`` and its momentum-aware form, from one set of products.
 
-        Exact (n products) when ``probes`` is None, else a Hutchinson estimate; see
+        Returns ``hessian_error`` (Liao et al.'s measure) and ``hessian_error_momentum`` =
+        ``‖I − D G_φ H/(1 + β)‖_F/√n``: with momentum β the one-step hypergradient is stationary at
+        ``D G = (1 + β) H⁻¹``, not at ``H⁻¹`` (see the class docstring), so only the second can fall
+        to zero; they coincide for β = 0. ``H v = hvp(v)`` for batches (B, n) of flat vectors. Exact
+        (n products) when ``probes`` is None, else a Hutchinson estimate; see
         :func:`hessian_approximation_error`. Costly: not part of :meth:`diagnostics`.
         """
         self._build()
-        return hessian_approximation_error(self.apply_preconditioner, hvp, self._momentum.numel(),
-                                           probes, generator, self._phi.dtype, self._phi.device)
+        beta = float(self._shared()["beta"])
+        raw, corrected = hessian_approximation_errors(
+            self.apply_preconditioner, hvp, self._momentum.numel(), (1.0, 1.0 / (1.0 + beta)),
+            probes, generator, self._phi.dtype, self._phi.device)
+        return {"hessian_error": raw, "hessian_error_momentum": corrected}
+
+    def hessian_error(self, hvp: Callable[[Tensor], Tensor], probes: int | None = None,
+                      generator: torch.Generator | None = None,
+                      momentum_corrected: bool = False) -> float:
+        """``‖I − D G_φ H‖_F/√n`` (the paper's measure), or with ``momentum_corrected`` the same
+        with ``D G_φ/(1 + β)``; see :meth:`hessian_errors`."""
+        errors = self.hessian_errors(hvp, probes, generator)
+        return errors["hessian_error_momentum" if momentum_corrected else "hessian_error"]
 
     # -- the step -------------------------------------------------------------------------------
 
@@ -493,8 +545,9 @@ class LODO(torch.optim.Optimizer):
         g, present = self._flat_grad(params)
 
         if self._prev_scales is not None:
-            meta_grad = self._bilinear_grad(self._scale(g, self._prev_scales), self._momentum)
-            meta_grad.neg_()
+            # ∂ℓ/∂φ = −∂(gᵀ D G_φ m)/∂φ: the sign goes on the length-n vector, not on the result.
+            meta_grad = self._bilinear_grad(self._scale(g, [-s for s in self._prev_scales]),
+                                            self._momentum)
             self._meta.param_groups[0]["lr"] = hp["meta_lr"]
             self._phi.grad = meta_grad
             self._meta.step()
