@@ -250,3 +250,15 @@ def test_wandb_failure_is_a_warning(fake_sweeps, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
     with pytest.warns(RuntimeWarning, match="W&B logging of the report failed"):
         assert log_to_wandb(fake_sweeps[0]) is None
+
+
+def test_overview_marks_best_reached_and_failures(fake_sweeps):
+    from metaopt.report.render import overview
+
+    report, _ = fake_sweeps
+    headers, rows = overview(report.analysis)
+    assert headers == ["optimizer", "alpha", "beta"]
+    by_opt = {r[0]: dict(zip(headers[1:], r[1:])) for r in rows}
+    assert by_opt["adam"]["alpha"] == "**0.15** ✓ (1/3 failed)"  # best, median seed reached, one diverged
+    assert by_opt["sgd"]["alpha"] == "0.9 (1/3 failed)"  # its median seed never reached the target
+    assert "## Overview" in report.files["markdown"].read_text()

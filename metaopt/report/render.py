@@ -68,6 +68,37 @@ def main_rows(a: Analysis) -> list[list[str]]:
     return rows
 
 
+def overview(a: Analysis) -> tuple[list[str], list[list[str]]]:
+    """Optimizer × task: the chosen setting's median final metric, the best per task in bold, ✓ where
+    the median seed reached the target, and failed/total runs where any run diverged or failed."""
+    headers = ["optimizer", *a.tasks]
+    best: dict[str, float] = {}
+    for task in a.tasks:
+        target = a.targets[task]
+        finals = [target.badness(s.final()[0]) for s in a.chosen(task) if s.final() is not None]
+        best[task] = min(finals, default=math.inf)
+    rows = []
+    for opt in a.optimizers:
+        row = [opt]
+        for task in a.tasks:
+            (s, *_) = [c for c in a.chosen(task) if c.optimizer == opt] or [None]
+            if s is None or s.final() is None:
+                row.append(DASH)
+                continue
+            value = s.final()[0]
+            cell = fmt(value, 3)
+            if math.isfinite(value) and a.targets[task].badness(value) == best[task]:
+                cell = f"**{cell}**"
+            if not math.isinf(s.to_target("steps")):
+                cell += " ✓"
+            bad = s.count("diverged") + s.count("failed")
+            if bad:
+                cell += f" ({bad}/{s.n_runs} failed)"
+            row.append(cell)
+        rows.append(row)
+    return headers, rows
+
+
 SETTING_HEADERS = ["task", "optimizer", "setting", "chosen", "runs", "seeds", "final val", "best val",
                    "steps to target", "reached", "diverged", "failed"]
 
@@ -185,6 +216,11 @@ def page_blocks(a: Analysis, sweep: Sweep, profiles: dict[str, Profile], figures
         blocks.append(("p", "`auto`: no target in `conf/report/targets.yaml` for this task; the target is the "
                        "best chosen setting's median final value loosened by `auto_slack`, so it only ranks "
                        "methods within this sweep."))
+    blocks.append(("h2", "Overview"))
+    blocks.append(("p", "Median final validation metric of each optimizer's chosen setting (lower is better for a "
+                        "loss); **bold**: best on the task; ✓: the median seed reached the task's target; "
+                        "(k/n failed): runs that diverged or failed, counted as the worst value."))
+    blocks.append(("table", *overview(a)))
     blocks.append(("h2", "Results"))
     blocks.append(("p", "Per task × optimizer, the setting chosen on validation (best median final validation "
                    "metric; a failed run counts as the worst value). Values over seeds: median [min–max]. "
