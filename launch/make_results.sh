@@ -5,7 +5,7 @@
 #
 #   bash launch/make_results.sh            # ≈ 30 min on 2 CPU cores
 #
-# then update the numbers quoted in docs/results.md from docs/results/.
+# It ends by rewriting docs/results.md (launch/results_page.py), keeping its hand-written notes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=docs/results
@@ -25,3 +25,4 @@ python -m metaopt.bench steps --threads 1 --task mnist1d --steps 100 --rounds 7 
 python -m metaopt.bench steps --threads 2 --task resnet --steps 3 --rounds 3 \
     --markdown "$out/step_cost_resnet.md" --out "$out/step_cost_resnet.json"
 python -m metaopt.bench loop --threads 1 --rounds 5 --out "$out/loop_overhead.json"
+python launch/results_page.py "$out"
