@@ -5,12 +5,20 @@
 Reads every run directory under the given sweeps (``experiment=greedy_mnist1d``, ``greedy_two_moons``,
 ``greedy_quadratic``: ``optimizer=greedy_sgd,greedy_adam`` × ``optimizer.fixed_momentum=null,β…`` ×
 seeds) and, per task, optimizer family and learning rate, compares the greedy run (β solved online,
-``fixed_momentum=null``) with the best fixed β on three numbers, each averaged over seeds:
+``fixed_momentum=null``) with the best fixed β (chosen per metric, after the fact) on these numbers,
+each averaged over seeds:
 
+- ``final``: the issue's "final loss", the metric the ≤ 5% claim is judged on. For a task with
+  held-out data it is ``val``. For a tracking task (:data:`TRACKING_TASKS`: the noisy quadratic,
+  whose training loss and validation metric are the same function of a random-walking centre) it
+  is ``train_tail``: one final value of a random walk says little.
 - ``val``: the final validation loss (the run's objective; a diverged run counts as ``inf``);
 - ``best_val``: the lowest validation loss of the run;
-- ``train_tail``: the mean training loss over the last ``--tail`` fraction of the steps (the noisy
-  quadratic's loss is a random walk, and one final value says little).
+- ``train_tail``: the mean training loss over the last ``--tail`` fraction of the steps.
+
+``train_tail`` is reported for every task: on the classification tasks a large fixed β drives the
+training loss far lower while the validation loss rises (it fits the training set), so the best β
+by training loss and by validation loss differ and no single run can match both.
 
 Writes ``greedy_table.md``, ``greedy_results.json`` and ``greedy_momentum.png`` (the β chosen over
 training, one line per seed, per task and family) into ``--out`` (default: the first sweep).
@@ -30,7 +38,9 @@ from typing import Any
 import yaml
 
 FAMILIES = {"GreedySGD": "SGD+momentum", "GreedyAdam": "Adam"}
-METRICS = ("val", "best_val", "train_tail")
+METRICS = ("final", "val", "best_val", "train_tail")
+# Tasks without held-out data whose loss tracks a moving optimum: "final" is the mean tracking loss.
+TRACKING_TASKS = frozenset({"NoisyQuadratic"})
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -52,17 +62,21 @@ def load_run(run_dir: Path, tail: float) -> dict[str, Any] | None:
     steps = int(cfg["trainer"]["steps"])
     tail_losses = [r["train/loss"] for r in records if r["step"] > (1.0 - tail) * steps]
     fixed = cfg["optimizer"].get("fixed_momentum")
+    task = str(cfg["task"]["_target_"]).rsplit(".", 1)[-1]
+    val = float(summary.get("objective", math.inf)) if ok else math.inf
+    train_tail = statistics.fmean(tail_losses) if ok and tail_losses else math.inf
     return {
         "dir": str(run_dir),
-        "task": str(cfg["task"]["_target_"]).rsplit(".", 1)[-1],
+        "task": task,
         "family": family,
         "lr": float(cfg["optimizer"]["lr"]),
         "variant": "greedy" if fixed is None else float(fixed),
         "seed": int(cfg["seed"]),
         "status": summary.get("status"),
-        "val": float(summary.get("objective", math.inf)) if ok else math.inf,
+        "final": train_tail if task in TRACKING_TASKS else val,
+        "val": val,
         "best_val": float(summary.get("best", {}).get("val/loss", math.inf)) if ok else math.inf,
-        "train_tail": statistics.fmean(tail_losses) if ok and tail_losses else math.inf,
+        "train_tail": train_tail,
         "momentum": [(r["step"], r["opt/momentum"]) for r in records if "opt/momentum" in r],
     }
 
@@ -113,8 +127,8 @@ def _sd(values: list[float]) -> float:
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| task | family | lr | metric | greedy (± sd over seeds) | best fixed β: value (± sd) | gap "
-             "| ≤ 5% | all fixed β: value |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| ≤ 5% | all fixed β: value | seeds |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         for metric in METRICS:
             if metric not in row:
@@ -126,7 +140,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
                          f"{c['greedy']:.4g} ± {c['greedy_sd']:.2g} | "
                          f"{c['best_fixed_momentum']:g}: {c['best_fixed']:.4g} ± {c['best_fixed_sd']:.2g} | "
                          f"{100 * c['gap']:+.1f}% | "
-                         f"{'yes' if c['within_5pct'] else 'no'} | {others} |")
+                         f"{'yes' if c['within_5pct'] else 'no'} | {others} | "
+                         f"{row['variants'].get('greedy', {}).get('seeds', 0)} |")
     return "\n".join(lines) + "\n"
 
 
