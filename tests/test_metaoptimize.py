@@ -137,6 +137,31 @@ def test_hessian_free_trace_is_the_discounted_sum_of_steps(base, foreach, gamma)
 
 
 @pytest.mark.parametrize("foreach", [False, True], ids=["single", "foreach"])
+def test_gradient_trace_term_is_the_authors_adamw_trace(foreach):
+    """``trace_term="gradient"``: h ← γ(1 − αλ)h − α·g/(√v̂ + ε), no αλθ (MetaOptimize_AdamW_Lion_hg.py)."""
+    wd, alpha, gamma, b2, eps = 0.05, 1e-2, 0.9, 0.999, 1e-8
+    model = small_model(torch.float64)
+    opt = MetaOptimize(model.parameters(), base="adam", meta="fixed", alpha0=alpha, gamma=gamma, weight_decay=wd,
+                       trace_term="gradient", foreach=foreach)
+    reference = small_model(torch.float64)
+    twin = torch.optim.AdamW(reference.parameters(), lr=alpha, weight_decay=wd, foreach=foreach)
+    expected = [torch.zeros_like(p) for p in model.parameters()]
+    v = [torch.zeros_like(p) for p in model.parameters()]
+    x, y = DATA
+    for t in range(1, 7):
+        for m, o in ((model, opt), (reference, twin)):
+            o.zero_grad()
+            nn.functional.mse_loss(m(x.double()), y.double()).backward()
+            o.step()
+        for i, p in enumerate(model.parameters()):
+            v[i] = b2 * v[i] + (1 - b2) * p.grad**2
+            expected[i] = gamma * (1 - alpha * wd) * expected[i] - alpha * p.grad / ((v[i] / (1 - b2**t)).sqrt() + eps)
+    for h, p, q in zip(expected, model.parameters(), reference.parameters()):
+        torch.testing.assert_close(opt.trace(p), h)
+        assert torch.equal(p, q)  # the base step is still AdamW's
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["single", "foreach"])
 def test_meta_gradient_is_trace_dot_gradient_before_the_step(foreach):
     model = small_model(torch.float64)
     opt = MetaOptimize(model.parameters(), meta="fixed", alpha0=1e-2, foreach=foreach)
@@ -327,6 +352,137 @@ def test_foreach_and_single_tensor_paths_agree_when_learning(blocks):
     assert runs[0][1] == pytest.approx(runs[1][1], rel=1e-5)
 
 
+@pytest.mark.parametrize("base", ["sgd", "sgdm"])
+def test_flat_path_agrees_with_per_tensor_path_across_missing_grads_and_reloads(base):
+    """The flat SGD/SGDm path (traces and buffers as views of one tensor) is the per-tensor math.
+
+    A tensor without a gradient for a while (its buffer starts late) and a state_dict reload
+    into a new optimizer (new tensors, so the flat storage is rebuilt) must not change anything.
+    """
+    def run(foreach, meta):
+        model = small_model()
+        params = list(model.parameters())
+
+        def make(ps):
+            return MetaOptimize(ps, base=base, blocks=[3, 1], alpha0=1e-2, meta_lr=0.05, meta=meta,
+                                weight_decay=0.01, foreach=foreach)
+
+        opt = make(params)
+        x, y = DATA
+        for t in range(12):
+            opt.zero_grad(set_to_none=True)
+            nn.functional.mse_loss(model(x), y).backward()
+            if t < 3:
+                params[0].grad = None  # the first tensor joins late
+            if t == 6:
+                saved = copy.deepcopy(opt.state_dict())
+                opt = make(params)
+                opt.load_state_dict(saved)
+            opt.step()
+        return [p.detach().clone() for p in params], [opt.trace(p) for p in params], opt.alphas()
+
+    # With β fixed the parameters are bit for bit the same (the traces differ in rounding only:
+    # the flat path folds the scales of a bucket's traces together when they differ).
+    single, flat = run(False, "fixed"), run(None, "fixed")
+    for a, b in zip(single[0], flat[0]):
+        assert torch.equal(a, b)
+    for a, b in zip(single[1], flat[1]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+    # Learning: the meta-gradient is summed in another order (one dot per bucket), so rounding.
+    single, flat = run(False, "adam"), run(None, "adam")
+    for a, b in zip(single[0] + single[1], flat[0] + flat[1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert single[2] == pytest.approx(flat[2], rel=1e-5)
+
+
+def _dispatched_ops(opt, model) -> int:
+    """Kernels (aten ops other than views) that one ``opt.step()`` dispatches."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func._schema.name.startswith(("aten::view", "aten::_unsafe_view", "aten::slice",
+                                                 "aten::alias", "aten::detach")):
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(4, 5)
+    for _ in range(2):  # the first steps allocate state
+        opt.zero_grad(set_to_none=True)
+        model(x).square().sum().backward()
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    model(x).square().sum().backward()
+    with Count():
+        opt.step()
+    return Count.n
+
+
+@pytest.mark.parametrize("base", ["sgd", "sgdm"])
+def test_low_complexity_sgd_step_is_a_fixed_number_of_kernels_per_block(base):
+    """The Hessian-free SGD/SGDm step costs O(1) kernels per block, not O(1) per tensor.
+
+    On a small model the base step is two or three kernels per tensor, so per-tensor meta work
+    (a dot product, a trace update, a host read) dominated the overhead (issue 4: 16-24% over
+    torch.optim.SGD(momentum) before the flat path). Counting kernels is the deterministic proxy;
+    tests/test_metaoptimize.py::test_low_complexity_step_cost_on_the_mnist1d_mlp times it.
+    """
+    def model(depth):
+        torch.manual_seed(0)
+        return nn.Sequential(*[nn.Linear(5, 5) for _ in range(depth)])
+
+    counts = {}
+    for depth in (2, 8):
+        m = model(depth)
+        counts[depth] = _dispatched_ops(MetaOptimize(m.parameters(), base=base, momentum=0.9 if base == "sgdm" else None,
+                                                     alpha0=1e-3), m)
+    assert counts[8] == counts[2] and counts[2] <= 10, counts
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,base,twin", [
+    ("sgdm", {"base": "sgdm", "momentum": 0.9}, lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9)),
+    ("adam", {"base": "adam"}, lambda ps: torch.optim.Adam(ps, lr=1e-5)),
+])
+def test_low_complexity_step_cost_on_the_mnist1d_mlp(name, base, twin):
+    """Issue 4: a low-complexity MetaOptimize training step costs at most 15% more than its base's.
+
+    The task of ``python -m metaopt.bench steps`` (MNIST-1D's MLP 40-100-100-10, batch 128),
+    forward + backward + step, timed by this thread's CPU clock (so other processes on a shared
+    machine inflate neither side), interleaved, median of rounds.
+    """
+    import statistics
+    import time
+
+    torch.set_num_threads(1)
+    x, y = torch.randn(128, 40), torch.randint(0, 10, (128,))
+    runs = {}
+    for kind in ("base", "meta"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(40, 100), nn.ReLU(), nn.Linear(100, 100), nn.ReLU(), nn.Linear(100, 10))
+        opt = twin(model.parameters()) if kind == "base" else MetaOptimize(model.parameters(), alpha0=1e-5, **base)
+        runs[kind] = (model, opt, [])
+
+    def block(model, opt, steps=100):
+        start = time.thread_time()
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        return time.thread_time() - start
+
+    for model, opt, _ in runs.values():
+        block(model, opt, 20)
+    for r in range(15):
+        for kind in (("base", "meta") if r % 2 == 0 else ("meta", "base")):
+            model, opt, times = runs[kind]
+            times.append(block(model, opt))
+    ratio = statistics.median(runs["meta"][2]) / statistics.median(runs["base"][2])
+    assert ratio <= 1.15, (name, ratio)
+
+
 def test_block_lists_and_groupwise_blocks():
     model = small_model()
     opt = MetaOptimize(model.parameters(), blocks=[2, 2], alpha0=1e-2, meta_lr=0.05)
@@ -357,6 +513,8 @@ def test_block_lists_and_groupwise_blocks():
     ({"variant": "full", "base": "lion"}, "variant"),
     ({"variant": "full", "base": "sgd", "foreach": True}, "foreach"),
     ({"foreach": 1}, "foreach"),
+    ({"trace_term": "momentum"}, "trace_term"),
+    ({"trace_term": "gradient", "base": "sgdm"}, "trace_term"),
 ])
 def test_options_the_chosen_optimizers_do_not_use_or_bad_values_are_rejected(bad, pattern):
     with pytest.raises(ValueError, match=pattern):
@@ -495,22 +653,22 @@ def _noisy_quadratic_run(make_opt, steps: int):
 
 @pytest.mark.slow
 def test_step_size_recovers_from_100x_too_small_and_too_large_on_the_noisy_quadratic():
-    """From the best constant lr / 100 and × 100, α ends at least halfway there (in log) and the
-    loss beats Adam left at the starting lr by far.
+    """From the best constant lr / 100 and × 100, α ends at least halfway there (in log), within
+    4x of it, and the tail loss is within 30% of the best constant lr's.
 
-    Not asserted, because it does not hold here: a final loss within 10% of the best constant
-    lr's. The Hessian-free trace settles α about 6x below the best constant lr on this moving
-    target (see the closing note of issue 4: 1.68x the best loss at 10k steps).
+    Not asserted, because it does not hold: within 10%. The Hessian-free trace settles α about
+    2.7x below the best constant Adam lr on this moving target (authors' gradient trace; the
+    step trace, 5x below), which costs 1.17-1.26x the best loss (issue 4's closing note).
     """
-    steps = 2500
+    steps = 3000
     grid = {lr: _noisy_quadratic_run(lambda ps, lr=lr: torch.optim.Adam(ps, lr=lr), steps)[0]
             for lr in (0.3, 1.0, 3.0, 10.0)}
     best = min(grid, key=grid.get)
     for alpha0 in (best / 100, best * 100):
-        loss, alpha = _noisy_quadratic_run(lambda ps, a=alpha0: MetaOptimize(ps, alpha0=a, meta_lr=1e-2), steps)
-        fixed, _ = _noisy_quadratic_run(lambda ps, a=alpha0: torch.optim.Adam(ps, lr=a), steps)
-        assert abs(math.log(alpha / best)) < 0.5 * abs(math.log(alpha0 / best)), (alpha0, alpha, best)
-        assert loss < 0.5 * fixed, (alpha0, loss, fixed)
+        loss, alpha = _noisy_quadratic_run(
+            lambda ps, a=alpha0: MetaOptimize(ps, alpha0=a, meta_lr=3e-3, trace_term="gradient"), steps)
+        assert abs(math.log(alpha / best)) < min(0.5 * abs(math.log(alpha0 / best)), math.log(4)), (alpha0, alpha, best)
+        assert loss < 1.3 * grid[best], (alpha0, loss, grid)
 
 
 # ---- the experiments and the study script ----------------------------------------------------
@@ -548,3 +706,19 @@ def test_study_script_writes_results_and_plot(tmp_path, data_dir):
     assert set(result["metaoptimize"]) == {"low", "high", "default"}
     assert result["metaoptimize"]["low"]["alpha0"] == pytest.approx(result["best_fixed_lr"] / 100)
     assert (tmp_path / "alpha.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("base,per_param", [("sgd", 4.0), ("sgdm", 8.0), ("adam", 12.0)])
+def test_state_bytes_count_flat_buffers_whole(base, per_param):
+    """Trace (+ momentum, + Adam's two moments) per parameter, also when they are views of one flat buffer."""
+    from metaopt.optim import optimizer_state_bytes
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(40, 100), torch.nn.ReLU(), torch.nn.Linear(100, 10))
+    opt = MetaOptimize(model.parameters(), base=base, alpha0=1e-3)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(8, 40)).sum().backward()
+        opt.step()
+    n = sum(p.numel() for p in model.parameters())
+    assert optimizer_state_bytes(opt) / n == pytest.approx(per_param, abs=0.1)

@@ -25,7 +25,14 @@ given by both measures: on a task that overfits (MNIST-1D's 3500 training exampl
 disagree by orders of magnitude.
 
     python -m metaopt.experiments.metaoptimize_study --task mnist1d --out results/mo_mnist1d
-    python -m metaopt.experiments.metaoptimize_study --task quadratic --schedules constant
+    python -m metaopt.experiments.metaoptimize_study --task quadratic --schedules constant \
+        --meta optimizer.meta_lr=0.003
+
+``--meta`` applies to both starts alike (no per-start tuning). Lion at meta_lr 1e-2 swings α
+about 4x either way in a limit cycle, and on the quadratic from 100x above it drove α to ~0;
+3e-3 is used for the numbers of issue 4. ``results.json`` gives verdicts by both measures
+(``within_10pct`` on the final loss above, ``within_10pct_by_train_loss`` on the training loss
+that MetaOptimize descends).
 """
 
 from __future__ import annotations
@@ -175,6 +182,7 @@ def study(task: str, out: Path, lrs: list[float], seeds: list[int], schedules: l
             "within_10pct": loss <= 1.10 * best_loss,
             "train_tail_loss": train_loss, "train_tail_loss_per_seed": [r["train_tail_loss"] for r in runs],
             "train_loss_ratio_to_best_fixed": train_loss / best_train_loss if best_train_loss > 0 else math.inf,
+            "within_10pct_by_train_loss": train_loss <= 1.10 * best_train_loss,
             "moved_toward_best_by_train_loss": bool(finite) and abs(math.log(final_alpha / best_train_lr))
             < abs(math.log(a0 / best_train_lr)),
             **{k: _mean([r[k] for r in runs]) for k in ("val/accuracy", "test/accuracy", "test/loss") if k in runs[0]},
@@ -248,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
     for row in result["metaoptimize"].values():
         print(f"  metaoptimize from {row['alpha0']:<8.3g} meta_lr {row['meta_lr']:<6g} final α {row['final_alpha_geomean']:<9.3g} "
               f"final loss {row['final_loss']:.4g} (x{row['loss_ratio_to_best_fixed']:.3f} of best fixed), "
-              f"train {row['train_tail_loss']:.4g}")
+              f"train {row['train_tail_loss']:.4g} (x{row['train_loss_ratio_to_best_fixed']:.3f})")
     print(f"results in {out}/results.json and {out}/alpha.png")
 
 

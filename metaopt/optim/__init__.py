@@ -59,11 +59,12 @@ register("lodo_sgd", LODO, kwargs={"lr": 0.03, "seed": 0, "meta_optimizer": "sgd
 
 # meta_lr 1e-2 so that α moves within the suite's 500 steps; the full (HVP) trace around SGD needs
 # a closure, and a slower meta_lr keeps α below Rosenbrock's stability limit near the minimum.
-register("metaoptimize", MetaOptimize, kwargs={"alpha0": 1e-2, "meta_lr": 1e-2},
+register("metaoptimize", MetaOptimize, kwargs={"alpha0": 1e-2, "meta_lr": 1e-2, "trace_term": "gradient"},
          invalid=(({"alpha0": 0.0}, "alpha0"), ({"meta_lr": -1.0}, "meta_lr"), ({"gamma": 1.5}, "gamma"),
                   ({"base": "adagrad"}, "base"), ({"meta": "sgd"}, "meta"), ({"blocks": [2]}, "blocks"),
                   ({"variant": "full"}, "variant"), ({"momentum": 0.9}, "momentum"),
-                  ({"betas": (1.5, 0.999)}, "betas parameter at index 0"), ({"weight_decay": -1.0}, "weight_decay")))
+                  ({"betas": (1.5, 0.999)}, "betas parameter at index 0"), ({"weight_decay": -1.0}, "weight_decay"),
+                  ({"base": "sgd"}, "trace_term")))
 register("metaoptimize_full", MetaOptimize, needs_closure=True,
          kwargs={"base": "sgd", "variant": "full", "alpha0": 2e-3, "meta_lr": 3e-3},
          invalid=(({"base": "adam"}, "variant"), ({"alpha0": -1.0}, "alpha0")))

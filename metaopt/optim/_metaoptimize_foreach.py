@@ -6,7 +6,9 @@ dtype, and one trace scale. The parameter arithmetic repeats torch.optim's multi
 operation (``_multi_tensor_sgd``, ``_multi_tensor_rmsprop``, ``_multi_tensor_adam``), so that
 ``meta="fixed"`` with ``foreach=True`` follows torch.optim with ``foreach=True`` bit for bit. On
 a GPU this is what keeps the step cheap: one kernel launch per operation per bucket instead of
-one per tensor.
+one per tensor. For SGD and SGD with momentum (:data:`FLAT_UPDATES`) the traces and buffers are
+also stored flat, which makes the meta work a constant number of kernels per bucket on any
+device (see the section "Flat storage" below).
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ def share_trace_scale(states: list[State]) -> float:
     return states[0]["trace_scale"]
 
 
-def _decay(params: list[Tensor], states: list[State], alpha: float, wd: float, gamma: float) -> float:
+def _decay(params: list[Tensor], states: list[State], alpha: float, wd: float, gamma: float,
+           trace_wd: bool = True) -> float:
     """The weight-decay part of the step on θ and h; returns ``1/s`` for the terms that follow."""
     scale = states[0]["trace_scale"] * gamma * (1 - alpha * wd)
     traces = [st["trace"] for st in states]
@@ -46,7 +49,8 @@ def _decay(params: list[Tensor], states: list[State], alpha: float, wd: float, g
     for st in states:
         st["trace_scale"] = scale
     if wd != 0:
-        torch._foreach_add_(traces, params, alpha=-alpha * wd / scale)
+        if trace_wd:
+            torch._foreach_add_(traces, params, alpha=-alpha * wd / scale)
         torch._foreach_mul_(params, 1 - alpha * wd)
     return 1.0 / scale
 
@@ -97,7 +101,7 @@ def rmsprop_update(params, grads, states, alpha, hp, gamma) -> None:
 
 
 def adam_update(params, grads, states, alpha, hp, gamma) -> None:
-    k = _decay(params, states, alpha, hp["weight_decay"], gamma)
+    k = _decay(params, states, alpha, hp["weight_decay"], gamma, hp["trace_term"] == "step")
     traces = [st["trace"] for st in states]
     for st in states:
         st.setdefault("step", 0)
@@ -115,7 +119,10 @@ def adam_update(params, grads, states, alpha, hp, gamma) -> None:
     torch._foreach_div_(denom, bias_correction2_sqrt)
     torch._foreach_add_(denom, hp["eps"])
     torch._foreach_addcdiv_(params, exp_avgs, denom, step_size)
-    torch._foreach_addcdiv_(traces, exp_avgs, denom, [c * k for c in step_size])
+    if hp["trace_term"] == "gradient":
+        torch._foreach_addcdiv_(traces, grads, denom, -alpha * k)
+    else:
+        torch._foreach_addcdiv_(traces, exp_avgs, denom, [c * k for c in step_size])
 
 
 def lion_update(params, grads, states, alpha, hp, gamma) -> None:
@@ -128,6 +135,91 @@ def lion_update(params, grads, states, alpha, hp, gamma) -> None:
     torch._foreach_add_(params, direction, alpha=-alpha)
     torch._foreach_add_(traces, direction, alpha=-alpha * k)
     torch._foreach_lerp_(moments, grads, 1 - beta2)
+
+
+# --------------------------------------------------------------------------------------------
+# Flat storage (SGD and SGD with momentum). The bucket's traces and momentum buffers are views
+# into one flat tensor each, so that the trace update, the momentum update and the meta-gradient
+# are one kernel each for the whole bucket rather than one per tensor: with only two or three
+# operations in the base step, per-tensor dispatch is most of the meta overhead on small models.
+# The arithmetic per element is unchanged (same operations in the same order as torch.optim's
+# single- and multi-tensor SGD), so meta="fixed" still matches torch.optim bit for bit.
+# The state entries are the views themselves; the flat tensor is found again through a cache
+# that is checked by identity each step, so that load_state_dict (new tensors), a parameter
+# that gains or loses its gradient, or anything else that replaces a state entry repacks it.
+# --------------------------------------------------------------------------------------------
+
+
+def _adopt(cache: dict, flat: Tensor, params: list[Tensor], states: list[State], name: str) -> list[Tensor]:
+    views, offset = [], 0
+    for p, st in zip(params, states):
+        n = p.numel()
+        st[name] = view = flat[offset:offset + n].view(p.shape)
+        views.append(view)
+        offset += n
+    # One entry per bucket leader: a bucket whose members change replaces its entry, so the
+    # cache cannot grow with the number of distinct sets of tensors that had gradients.
+    cache[(name, id(params[0]))] = (flat, views)
+    return views
+
+
+def packed(cache: dict, params: list[Tensor], states: list[State], name: str) -> tuple[Tensor, list[Tensor]] | None:
+    """``st[name]`` of the bucket as one flat tensor and its views (packing it on first use).
+
+    None when some state lacks the entry.
+    """
+    entry = cache.get((name, id(params[0])))
+    if (entry is not None and len(entry[1]) == len(states)
+            and all(st.get(name) is v for st, v in zip(states, entry[1]))):
+        return entry
+    if any(name not in st for st in states):
+        return None
+    flat = torch.cat([st[name].reshape(-1) for st in states])
+    return flat, _adopt(cache, flat, params, states, name)
+
+
+def flat_sgd_update(params, grads, states, alpha, hp, gamma, cache) -> Tensor:
+    """SGD on the bucket with flat traces; returns ``uᵀg``, the meta-gradient before the step."""
+    g = torch.cat([x.reshape(-1) for x in grads])
+    u, _ = packed(cache, params, states, "trace")
+    dot = torch.dot(u, g)
+    k = _decay(params, states, alpha, hp["weight_decay"], gamma)
+    torch._foreach_add_(params, grads, alpha=-alpha)
+    u.add_(g, alpha=-alpha * k)
+    return dot
+
+
+def flat_sgdm_update(params, grads, states, alpha, hp, gamma, cache) -> Tensor:
+    """SGD with momentum on the bucket with flat traces and buffers; returns ``uᵀg``."""
+    g = torch.cat([x.reshape(-1) for x in grads])
+    u, _ = packed(cache, params, states, "trace")
+    dot = torch.dot(u, g)
+    k = _decay(params, states, alpha, hp["weight_decay"], gamma)
+    entry = packed(cache, params, states, "momentum_buffer")
+    if entry is not None:
+        buf, bufs = entry
+        buf.mul_(hp["momentum"]).add_(g)
+    elif all("momentum_buffer" not in st for st in states):
+        # torch.optim's first step: the buffer is a copy of the gradient, and g is already one.
+        buf = g
+        bufs = _adopt(cache, buf, params, states, "momentum_buffer")
+    else:
+        # Some tensors start their buffer now (a first gradient): as torch.optim, then pack.
+        for st, x in zip(states, grads):
+            if "momentum_buffer" in st:
+                st["momentum_buffer"].mul_(hp["momentum"]).add_(x)
+            else:
+                st["momentum_buffer"] = x.detach().clone()
+        buf, bufs = packed(cache, params, states, "momentum_buffer")
+    torch._foreach_add_(params, bufs, alpha=-alpha)
+    u.add_(buf, alpha=-alpha * k)
+    return dot
+
+
+FLAT_UPDATES: dict[str, Callable[..., Tensor]] = {
+    "sgd": flat_sgd_update,
+    "sgdm": flat_sgdm_update,
+}
 
 
 FOREACH_UPDATES: dict[str, Callable[..., None]] = {

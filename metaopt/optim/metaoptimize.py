@@ -25,7 +25,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from metaopt.optim._metaoptimize_foreach import FOREACH_UPDATES, share_trace_scale, trace_dot
+from metaopt.optim._metaoptimize_foreach import (
+    FLAT_UPDATES,
+    FOREACH_UPDATES,
+    share_trace_scale,
+    trace_dot,
+)
 from metaopt.optim.pal import _RNGSnapshot
 from metaopt.optim.utils import shared_hyperparameters
 
@@ -39,6 +44,7 @@ Hyper = dict[str, Any]
 BASES = ("sgd", "sgdm", "rmsprop", "adam", "lion")
 METAS = ("fixed", "rmsprop", "adam", "lion")
 VARIANTS = ("hessian_free", "full")
+TRACE_TERMS = ("step", "gradient")
 BLOCK_MODES = ("scalar", "layerwise", "groupwise")
 
 # Per-base and per-meta defaults of the options only that optimizer uses; ``None`` in the
@@ -62,7 +68,7 @@ _BASE_KEYS = ("momentum", "rho", "betas", "eps")
 _META_KEYS = ("meta_betas", "meta_rho", "meta_eps")
 # May differ between parameter groups; everything else is optimizer-wide.
 _GROUP_KEYS = ("alpha0", "weight_decay", *_BASE_KEYS)
-_GLOBAL_KEYS = ("base", "meta", "meta_lr", "gamma", "blocks", "variant", "foreach", *_META_KEYS)
+_GLOBAL_KEYS = ("base", "meta", "meta_lr", "gamma", "blocks", "variant", "trace_term", "foreach", *_META_KEYS)
 # torch.optim's rule for foreach=None: the multi-tensor path where its kernels exist.
 _FOREACH_DEVICES = ("cuda", "xpu")
 
@@ -94,14 +100,16 @@ def _decay_scale(st: State, decay: float) -> float:
     return 1.0 / scale
 
 
-def _decay(p: Tensor, st: State, alpha: float, wd: float, gamma: float) -> float:
+def _decay(p: Tensor, st: State, alpha: float, wd: float, gamma: float, trace_wd: bool = True) -> float:
     """``h ← γ(1 − αλ)h − αλθ`` and ``θ ← (1 − αλ)θ``, the weight-decay part of the step.
 
+    ``trace_wd=False`` leaves ``−αλθ`` out of the trace, as the authors' AdamW+Lion code does.
     Returns ``1/s``: the rest of the step is added to ``u`` multiplied by it.
     """
     inv_scale = _decay_scale(st, gamma * (1 - alpha * wd))
     if wd != 0:
-        st["trace"].add_(p, alpha=-alpha * wd * inv_scale)
+        if trace_wd:
+            st["trace"].add_(p, alpha=-alpha * wd * inv_scale)
         p.mul_(1 - alpha * wd)
     return inv_scale
 
@@ -156,9 +164,12 @@ def rmsprop_update(p: Tensor, g: Tensor, st: State, alpha: float, hp: Hyper, gam
 
 def adam_update(p: Tensor, g: Tensor, st: State, alpha: float, hp: Hyper, gamma: float,
                 hv: Tensor | None = None) -> None:
-    """Adam with decoupled weight decay, as torch.optim.AdamW (torch.optim.Adam when λ = 0)."""
+    """Adam with decoupled weight decay, as torch.optim.AdamW (torch.optim.Adam when λ = 0).
+
+    ``trace_term="gradient"``: the trace gains ``−α·g/(√v̂ + ε)`` instead of the step.
+    """
     del hv
-    k = _decay(p, st, alpha, hp["weight_decay"], gamma)
+    k = _decay(p, st, alpha, hp["weight_decay"], gamma, hp["trace_term"] == "step")
     if "exp_avg" not in st:
         st["step"] = 0
         st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -173,7 +184,11 @@ def adam_update(p: Tensor, g: Tensor, st: State, alpha: float, hp: Hyper, gamma:
     step_size = alpha / (1 - beta1**step)
     denom = (v.sqrt() / (1 - beta2**step) ** 0.5).add_(hp["eps"])
     p.addcdiv_(m, denom, value=-step_size)
-    st["trace"].addcdiv_(m, denom, value=-step_size * k)
+    if hp["trace_term"] == "gradient":
+        # The authors' AdamW+Lion code (meta_optimize/MetaOptimize_AdamW_Lion_hg.py).
+        st["trace"].addcdiv_(g, denom, value=-alpha * k)
+    else:
+        st["trace"].addcdiv_(m, denom, value=-step_size * k)
 
 
 def lion_update(p: Tensor, g: Tensor, st: State, alpha: float, hp: Hyper, gamma: float,
@@ -286,6 +301,10 @@ def _resolve(hp: Hyper) -> Hyper:
     if out["variant"] == "full" and out["base"] not in ("sgd", "sgdm"):
         fail("variant", "'hessian_free' for base "
              f"{out['base']!r}: the full trace is implemented for base 'sgd' and 'sgdm'")
+    if out["trace_term"] not in TRACE_TERMS:
+        fail("trace_term", f"one of {TRACE_TERMS}")
+    if out["trace_term"] == "gradient" and out["base"] != "adam":
+        fail("trace_term", f"'step' for base {out['base']!r}: 'gradient' is the authors' AdamW trace")
     if not (_is_real(out["alpha0"]) and out["alpha0"] > 0):
         fail("alpha0", "a finite number > 0")
     if not (_is_real(out["meta_lr"]) and out["meta_lr"] >= 0):
@@ -406,6 +425,11 @@ class MetaOptimize(torch.optim.Optimizer):
       variant: ``"hessian_free"`` (the authors' low-complexity trace) or ``"full"`` (SGD/SGDm
         bases: the trace with Hessian-vector products; returns a :class:`MetaOptimizeFull`).
       weight_decay: λ, decoupled, scaled by α.
+      trace_term: what each step adds to the trace: ``"step"`` (``−Δθ_t``, the paper's recursion
+        above and ``cifar10/Optimizers/HF.py``) or, for the Adam base only, ``"gradient"``:
+        ``h_{t+1} = γ(1 − αλ)h_t − α·g_t/(√v̂_t + ε)``, the authors' packaged AdamW+Lion
+        optimizer (``meta_optimize/MetaOptimize_AdamW_Lion_hg.py``), which also leaves ``αλθ``
+        out of the trace.
       momentum: SGDm's μ (default 0.9).  rho: RMSProp's ρ (default 0.99).
       betas: Adam's (β₁, β₂) (default (0.9, 0.999)); Lion's (interpolation, momentum) (default
         (0.9, 0.99)).  eps: Adam's and RMSProp's ε (default 1e-8).
@@ -414,9 +438,12 @@ class MetaOptimize(torch.optim.Optimizer):
         meta-gradients are small when α is).
       Options a chosen optimizer does not use must be left ``None``.
       foreach: the multi-tensor path (``torch._foreach_*``, one kernel per operation per block
-        rather than per tensor); ``None`` takes it where torch.optim does (all parameters on
-        CUDA), so that ``meta="fixed"`` matches torch.optim's default there too. Not with
-        ``variant="full"``.
+        rather than per tensor; for the SGD and SGDm bases the traces and momentum buffers are
+        then views into one flat tensor per block, so that their updates and the meta-gradient
+        are one kernel each). ``None`` takes it for SGD and SGDm on every device (the flat path
+        does torch.optim's arithmetic element for element, so ``meta="fixed"`` still matches
+        torch.optim's default) and for the other bases where torch.optim does (all parameters
+        on CUDA). ``False``: the per-tensor reference functions. Not with ``variant="full"``.
 
     Per-group hyperparameters: ``alpha0``, ``weight_decay`` and the base optimizer's options; the
     rest are optimizer-wide and a group that differs raises ``ValueError``. There is no ``lr``:
@@ -433,22 +460,31 @@ class MetaOptimize(torch.optim.Optimizer):
     * the base optimizers are torch.optim's (Adam's momentum is ``lerp``'d and bias-corrected,
       RMSProp has no bias correction, SGDm's buffer is ``μb + g``); the authors' code uses
       ``(1 − ρ)``-weighted momenta and a bias-corrected RMSProp, which rescale α;
-    * the trace uses the base step itself (``θ_t − θ_{t+1}``, weight decay included). The
-      authors' AdamW+Lion file puts ``α·g/(√v̂ + ε)`` (gradient, not momentum) in the trace and
-      leaves the ``αλθ`` term out;
+    * by default the trace uses the base step itself (``θ_t − θ_{t+1}``, weight decay
+      included), as the paper and the authors' ``HF.py``; their AdamW+Lion file puts
+      ``α·g/(√v̂ + ε)`` (gradient, not momentum) in the trace and leaves ``αλθ`` out, which is
+      ``trace_term="gradient"`` (the setting of ``conf/optimizer/metaoptimize.yaml``). The two
+      are not equivalent: on LODO's noisy quadratic the step trace settles α near 0.55, the
+      gradient trace near 1.1 (best constant Adam lr: 3);
     * the meta-optimizers are the textbook ones on the scalar z (the authors' meta-Adam sums
       rather than averages its momentum); there is no meta weight decay on β;
     * meta-gradients that are NaN or infinite leave β unchanged (counted in diagnostics);
     * with several blocks the trace keeps, per coordinate, only the derivative with respect to
       its own block's β (exact for one block; the cross-block terms need a trace per block).
 
-    Cost: one trace tensor per parameter beside the base optimizer's state; per tensor and step,
-    one dot product and one scaled add beyond the base step (one more with weight decay; the
-    trace's decay is a python float, see ``trace_scale``); and one device-to-host transfer per
-    step (the meta-gradients, which the python-float β needs), which stalls the CPU until the
-    accelerator has finished the step. Measured (metaopt.bench, MNIST-1D MLP, CPU): Adam base
-    about 1.05-1.12x torch.optim.Adam's full training step, SGDm base about 1.16-1.24x
-    torch.optim.SGD(momentum); on an H100, ResNet-20: 1.09x and 1.20x with the multi-tensor path.
+    Cost: one trace tensor per parameter beside the base optimizer's state (for SGD/SGDm with
+    the flat path, traces and momentum buffers are stored flat: no more memory, but
+    ``optimizer_state_bytes`` must count their shared storage once in full); per step beyond
+    the base step, for SGD and SGDm a fixed number of kernels per block (one concatenation of
+    the gradients, one dot product, one scaled add), for the other bases one dot product and
+    one scaled add per tensor (per bucket with foreach), one more with weight decay (the
+    trace's decay is a python float, see ``trace_scale``); and one device-to-host transfer
+    per step (the meta-gradients, which the python-float β needs), which stalls the CPU until
+    the accelerator has finished the step. Measured (metaopt.bench's MNIST-1D MLP, CPU, one
+    thread, a shared machine, medians of per-round ratios over interleaved rounds): SGDm base
+    1.05-1.12x torch.optim.SGD(momentum)'s full training step (the step itself +29 µs, 159 vs
+    130 µs), Adam base 1.03-1.06x torch.optim.Adam's; before the flat path the SGDm base was
+    1.16-1.24x. On an H100, ResNet-20, before the flat path: 1.09x and 1.20x (multi-tensor).
     """
 
     requires_closure = False
@@ -477,6 +513,7 @@ class MetaOptimize(torch.optim.Optimizer):
         variant: str = "hessian_free",
         weight_decay: float = 0.0,
         *,
+        trace_term: str = "step",
         momentum: float | None = None,
         rho: float | None = None,
         betas: tuple[float, float] | None = None,
@@ -488,7 +525,8 @@ class MetaOptimize(torch.optim.Optimizer):
     ):
         defaults = _resolve(dict(
             base=base, meta=meta, alpha0=alpha0, meta_lr=meta_lr, gamma=gamma, blocks=blocks,
-            variant=variant, weight_decay=weight_decay, momentum=momentum, rho=rho, betas=betas,
+            variant=variant, trace_term=trace_term, weight_decay=weight_decay, momentum=momentum,
+            rho=rho, betas=betas,
             eps=eps, meta_betas=meta_betas, meta_rho=meta_rho, meta_eps=meta_eps, foreach=foreach,
         ))
         if variant == "full" and not isinstance(self, MetaOptimizeFull):
@@ -511,8 +549,9 @@ class MetaOptimize(torch.optim.Optimizer):
             self._check_layout()
 
     def _check_groups_agree(self) -> Hyper:
-        shared_hyperparameters(self.param_groups, _GLOBAL_KEYS,
-                               f"only {', '.join(_GROUP_KEYS)} may differ between groups")
+        if len(self.param_groups) > 1:
+            shared_hyperparameters(self.param_groups, _GLOBAL_KEYS,
+                                   f"only {', '.join(_GROUP_KEYS)} may differ between groups")
         # Group 0 holds the optimizer-wide values (read-only here).
         return self.param_groups[0]
 
@@ -575,6 +614,37 @@ class MetaOptimize(torch.optim.Optimizer):
         del active, closure, before
         return None
 
+    def _plan(self, blocks_mode: Any) -> list[tuple[list[tuple[Tensor, Hyper]], list[tuple[Hyper, list[Tensor]]]]]:
+        """The blocks, each with its buckets ``(group, parameters)`` of one group, device and dtype.
+
+        Cached: rebuilding it is most of the python cost of a step on a small model. The key is
+        the groups' identities and sizes and the block mode, which is all the layout depends on.
+        """
+        key = (str(blocks_mode), *((id(g), len(g["params"])) for g in self.param_groups))
+        cached = getattr(self, "_plan_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        plan = []
+        for block in self._layout():
+            buckets: dict[tuple, tuple[Hyper, list[Tensor]]] = {}
+            for p, group in block:
+                buckets.setdefault((id(group), p.device, p.dtype), (group, []))[1].append(p)
+            plan.append((block, list(buckets.values())))
+        self._plan_cache = (key, plan)
+        return plan
+
+    def _start_traces(self, params: list[Tensor]) -> list[State]:
+        states = [self.state[p] for p in params]
+        for p, st in zip(params, states):
+            if "trace" not in st:
+                if p.grad.is_sparse:
+                    raise RuntimeError("MetaOptimize does not support sparse gradients")
+                if p.is_complex():
+                    raise RuntimeError("MetaOptimize does not support complex parameters")
+                st["trace"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["trace_scale"] = 1.0
+        return states
+
     @torch.no_grad()
     def step(self, closure: Closure | None = None) -> Any:
         """One base step with the current α, then one meta step on β; returns the closure's loss."""
@@ -584,57 +654,54 @@ class MetaOptimize(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         hp = self._check_groups_agree()
-        base = BASE_UPDATES[hp["base"]]
         gamma = float(hp["gamma"])
-        blocks = self._layout()
+        plan = self._plan(hp["blocks"])
 
-        active = [p for block in blocks for p, _ in block if p.grad is not None]
-        for p in active:
-            if p.grad.is_sparse:
-                raise RuntimeError("MetaOptimize does not support sparse gradients")
-            if p.is_complex():
-                raise RuntimeError("MetaOptimize does not support complex parameters")
-            if "trace" not in self.state[p]:
-                self.state[p]["trace"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                self.state[p]["trace_scale"] = 1.0
-        hvs = self._hessian_vector_products(active, closure, before)
-        hv_of = dict(zip(map(id, active), hvs)) if hvs is not None else {}
+        hv_of: dict[int, Tensor | None] = {}
+        if not self._foreach_capable:
+            active = [p for _, buckets in plan for _, ps in buckets for p in ps if p.grad is not None]
+            self._start_traces(active)
+            hvs = self._hessian_vector_products(active, closure, before)
+            if hvs is not None:
+                hv_of = dict(zip(map(id, active), hvs))
 
+        base = BASE_UPDATES[hp["base"]]
         foreach = hp["foreach"]
+        flat = FLAT_UPDATES.get(hp["base"]) if self._foreach_capable and foreach is not False else None
         if foreach is None:
-            foreach = self._foreach_capable and all(p.device.type in _FOREACH_DEVICES for p in active)
+            foreach = self._foreach_capable and all(
+                p.device.type in _FOREACH_DEVICES for _, buckets in plan for _, ps in buckets for p in ps)
+        cache = self.__dict__.setdefault("_flat_cache", {})
         dots: list[Tensor] = []
         owner: list[tuple[int, float]] = []  # (block, trace scale) of each dot
         stepped: list[tuple[int, State]] = []
-        for b, block in enumerate(blocks):
-            bstate = self._block_state(block)
-            alpha = bstate["alpha"]
-            members = [(p, group) for p, group in block if p.grad is not None]
-            if not members:
-                continue
-            stepped.append((b, bstate))
-            if foreach:
-                # One bucket per (group, device, dtype): foreach kernels need the latter two to
-                # agree, and hyperparameters come from the group.
-                buckets: dict[tuple, list[tuple[Tensor, Hyper]]] = {}
-                for p, group in members:
-                    buckets.setdefault((id(group), p.device, p.dtype), []).append((p, group))
-                for bucket in buckets.values():
-                    params = [p for p, _ in bucket]
-                    grads = [p.grad for p in params]
-                    states = [self.state[p] for p in params]
-                    scale = share_trace_scale(states)
+        for b, (block, buckets) in enumerate(plan):
+            bstate = None
+            for group, params in buckets:
+                if not all(p.grad is not None for p in params):
+                    params = [p for p in params if p.grad is not None]
+                    if not params:
+                        continue
+                if bstate is None:
+                    bstate = self._block_state(block)
+                    alpha = bstate["alpha"]
+                    stepped.append((b, bstate))
+                states = self._start_traces(params)
+                grads = [p.grad for p in params]
+                if flat is not None:
+                    owner.append((b, share_trace_scale(states)))
+                    dots.append(flat(params, grads, states, alpha, group, gamma, cache))
+                elif foreach:
+                    owner.append((b, share_trace_scale(states)))
                     dots.append(trace_dot([st["trace"] for st in states], grads))
-                    owner.append((b, scale))
-                    FOREACH_UPDATES[hp["base"]](params, grads, states, alpha, bucket[0][1], gamma)
-                continue
-            for p, group in members:
-                st = self.state[p]
-                dots.append(_flat_dot(st["trace"], p.grad))
-                owner.append((b, st["trace_scale"]))
-                base(p, p.grad, st, alpha, group, gamma, hv_of.get(id(p)) if hv_of else None)
+                    FOREACH_UPDATES[hp["base"]](params, grads, states, alpha, group, gamma)
+                else:
+                    for p, st in zip(params, states):
+                        dots.append(_flat_dot(st["trace"], p.grad))
+                        owner.append((b, st["trace_scale"]))
+                        base(p, p.grad, st, alpha, group, gamma, hv_of.get(id(p)))
 
-        z = [0.0] * len(blocks)
+        z = [0.0] * len(plan)
         for (b, scale), value in zip(owner, _host_floats(dots) if dots else []):
             z[b] += scale * value
         counters = self._global_state()
