@@ -10,11 +10,14 @@ import torch
 
 def _tensor_bytes(obj: Any, seen: set[int]) -> int:
     if isinstance(obj, torch.Tensor):
-        key = obj.untyped_storage().data_ptr() if obj.numel() else id(obj)
-        if key in seen:
+        if not obj.numel():
             return 0
-        seen.add(key)
-        return obj.numel() * obj.element_size()
+        # Views into one flat buffer (MetaOptimize's traces) are counted once, as the whole buffer.
+        storage = obj.untyped_storage()
+        if storage.data_ptr() in seen:
+            return 0
+        seen.add(storage.data_ptr())
+        return storage.nbytes()
     if isinstance(obj, dict):
         return sum(_tensor_bytes(v, seen) for v in obj.values())
     if isinstance(obj, Iterable) and not isinstance(obj, (str, bytes)):
