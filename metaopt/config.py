@@ -13,6 +13,16 @@ from metaopt.errors import ConfigError
 _PROGRESS_CHOICES = ("auto", "bar", "lines", "none")
 
 
+def _pretrained(name: str) -> str:
+    from metaopt import pretrained
+
+    return str(pretrained.path(name))
+
+
+# `${pretrained:<name>}` in a config: the path of learned-optimizer weights shipped with metaopt.
+OmegaConf.register_new_resolver("pretrained", _pretrained, replace=True)
+
+
 @cache
 def config_dir() -> Path:
     """The directory holding ``config.yaml``: the one place the config tree is resolved.

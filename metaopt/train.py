@@ -23,6 +23,7 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 from metaopt import preemption
 from metaopt.config import config_dir, resolve_device, validate
@@ -217,6 +218,20 @@ def _diagnostics(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     return out
 
 
+def _resolve_interpolations(cfg: DictConfig) -> None:
+    """Resolve every interpolation once, before anything runs: an error of a resolver (an unknown
+    ``${pretrained:name}``) or a dangling reference becomes one ConfigError naming the key."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except InterpolationResolutionError as exc:
+        cause: BaseException | None = exc
+        while cause is not None and not isinstance(cause, MetaoptError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            raise cause from None
+        raise ConfigError(f"{exc.full_key}: {_first_line(exc)}") from None
+
+
 def _finite(x: Any) -> bool:
     return not isinstance(x, float) or math.isfinite(x)
 
@@ -232,6 +247,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
     if not run_dir:
         raise ValueError("train(cfg) outside Hydra needs run_dir=")
     run_dir = Path(run_dir)
+    _resolve_interpolations(cfg)
     if cfg.get("meta") is not None:
         if "_target_" not in cfg.meta:  # e.g. an experiment's meta.* deltas on top of meta=none
             choices = ", ".join(sorted(p.stem for p in (config_dir() / "meta").glob("*.yaml") if p.stem != "none"))

@@ -3,12 +3,14 @@ and a real (small) suite sweep read back by the report."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from metaopt.errors import ConfigError
 from metaopt.optim import PEERS, REGISTRY, set_mode
@@ -76,9 +78,13 @@ def test_bench_small_gives_every_optimizer_the_same_number_of_points():
     assert set(sweeper.tasks) == {"quadratic", "rosenbrock", "linreg", "two_moons", "mnist1d", "digits"}
     # Every optimizer of the suite has a config and a registry entry (the contract suite covers it).
     conf_names = {p.stem for p in (config_dir() / "optimizer").glob("*.yaml")}
+    registered = {spec.cls for spec in REGISTRY.values()}
     for name, entry in sweeper.optimizers.items():
         assert name in conf_names
-        assert name in REGISTRY or entry.get("requires"), name
+        target = OmegaConf.load(config_dir() / "optimizer" / f"{name}.yaml")["_target_"]
+        cls = getattr(importlib.import_module(target.rsplit(".", 1)[0]), target.rsplit(".", 1)[1], None) \
+            if not entry.get("requires") else None
+        assert entry.get("requires") or cls in registered, name  # so the contract suite covers its class
     assert len(jobs) == len(sweeper.tasks) * (len(sweeper.optimizers) - len(skipped)) * 4
 
 
@@ -147,3 +153,19 @@ def test_small_suite_sweep_runs_every_point_and_reports_it(tmp_path, data_dir):
         assert f",{opt}," in table
     assert "(best of 4)" in (sweep / "report" / "report.md").read_text()
     assert Path(sys.executable).exists()
+
+
+def test_shipped_learned_optimizer_loads_by_name_and_unknown_names_list_the_choices(make_cfg, tmp_path):
+    from metaopt.learned import Learned
+
+    cfg = make_cfg("task=linreg", "optimizer=learned_rnn_linreg")
+    train(cfg, run_dir=tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["final"]["val/loss"] < 1.0
+    from hydra.utils import instantiate
+
+    opt = instantiate(cfg.optimizer)([torch.zeros(3, requires_grad=True)])
+    assert isinstance(opt, Learned) and not opt.lopt.is_idle()  # meta-trained weights, not the idle init
+    with pytest.raises(ConfigError, match=r"pretrained: no shipped weights 'nope'; valid choices: gru_linreg"):
+        train(make_cfg("task=linreg", "optimizer=learned_rnn_linreg", "optimizer.checkpoint=${pretrained:nope}"),
+              run_dir=tmp_path / "bad")

@@ -27,6 +27,7 @@ def test_wheel_ships_the_config_tree_and_runs_from_elsewhere(tmp_path, data_dir)
     # The suite sweeper is a Hydra plugin: a module of the hydra_plugins namespace package (no __init__).
     assert "hydra_plugins/metaopt_sweeper/suite_sweeper.py" in names
     assert "hydra_plugins/__init__.py" not in names
+    assert "metaopt/pretrained/gru_linreg.pt" in names  # weights of optimizer=learned_rnn_linreg
 
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],

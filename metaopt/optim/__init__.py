@@ -6,6 +6,7 @@ constructor arguments that must be rejected with a ``ValueError`` matching the p
 
 import torch
 
+from metaopt import pretrained
 from metaopt.learned import Learned, MLPOptimizer, RNNOptimizer
 from metaopt.optim.greedy import GreedyAdam, GreedySGD
 from metaopt.optim.lodo import LODO
@@ -84,6 +85,10 @@ register("learned_rnn", Learned, invalid=_LEARNED_INVALID,
          kwargs={"lr": 1e-3, "lopt": RNNOptimizer(hidden_size=8, input_encoding="scaled", init="momentum")})
 register("learned_mlp", Learned, invalid=_LEARNED_INVALID,
          kwargs={"lr": 1.0, "lopt": MLPOptimizer(init="adam", step_mult=0.02)})
+# The GRU meta-trained on linear regression that ships with metaopt (metaopt/pretrained); the
+# contract's Rosenbrock is far outside its meta-training range, where lr 1 does not reduce it.
+register("learned_rnn_linreg", Learned, invalid=_LEARNED_INVALID,
+         kwargs={"lr": 0.1, "checkpoint": str(pretrained.path("gru_linreg"))})
 
 # Prodigy, D-Adaptation, Schedule-Free: only when `pip install 'metaopt[peers]'` brought them.
 PEERS = register_installed()
