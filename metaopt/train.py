@@ -77,20 +77,21 @@ def _build(node: DictConfig, key: str, **kwargs: Any) -> Any:
         cause = exc.__cause__ or exc
         if isinstance(cause, MetaoptError):
             raise cause from None
-        missing = _missing_module(cause)
-        if missing:
-            raise ConfigError(f"{key} ({node.get('_target_')}): module {missing!r} is not installed (the peer "
-                              "optimizers come with: pip install 'metaopt[peers]')") from exc
+        missing = _cause_of(cause, ModuleNotFoundError)
+        if missing is not None:
+            raise ConfigError(f"{key} ({node.get('_target_')}): module {missing.name!r} is not installed (the "
+                              "peer optimizers come with: pip install 'metaopt[peers]')") from exc
         raise ConfigError(f"{key} ({node.get('_target_')}): {_first_line(cause)}") from exc
 
 
-def _missing_module(exc: BaseException | None) -> str | None:
-    """The module a ``_target_`` could not be imported for, if that is what went wrong."""
-    while exc is not None:
-        if isinstance(exc, ModuleNotFoundError):
-            return exc.name
+def _cause_of(exc: BaseException | None, kind: type[BaseException]) -> Any:
+    """The first exception of type ``kind`` in ``exc``'s chain of causes (itself included), or None.
+
+    Hydra and OmegaConf wrap what went wrong (a missing module, a resolver's ConfigError) in
+    their own exceptions, sometimes more than once."""
+    while exc is not None and not isinstance(exc, kind):
         exc = exc.__cause__ or exc.__context__
-    return None
+    return exc
 
 
 def _call(factory: Callable[..., Any], key: str, target: str, *args: Any) -> Any:
@@ -224,9 +225,7 @@ def _resolve_interpolations(cfg: DictConfig) -> None:
     try:
         OmegaConf.to_container(cfg, resolve=True)
     except InterpolationResolutionError as exc:
-        cause: BaseException | None = exc
-        while cause is not None and not isinstance(cause, MetaoptError):
-            cause = cause.__cause__ or cause.__context__
+        cause = _cause_of(exc, MetaoptError)
         if cause is not None:
             raise cause from None
         raise ConfigError(f"{exc.full_key}: {_first_line(exc)}") from None
