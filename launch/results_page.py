@@ -37,8 +37,8 @@ def main(argv: list[str]) -> None:
     results = Path(argv[0] if argv else "docs/results")
     page = results.parent / "results.md"
     report = (results / "bench_small" / "report.md").read_text()
-    notes = NOTES.search(page.read_text()).group(0) if page.exists() and NOTES.search(page.read_text()) else \
-        "<!-- notes -->\n(no reading of these numbers yet)\n<!-- /notes -->"
+    kept = NOTES.search(page.read_text()) if page.exists() else None
+    notes = kept.group(0) if kept else "<!-- notes -->\n(no reading of these numbers yet)\n<!-- /notes -->"
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     wall = (results / "bench_small_wall.txt").read_text().strip() if (results / "bench_small_wall.txt").exists() else "?"
     loop = json.loads((results / "loop_overhead.json").read_text()) if (results / "loop_overhead.json").exists() else None

@@ -72,20 +72,18 @@ def overview(a: Analysis) -> tuple[list[str], list[list[str]]]:
     """Optimizer × task: the chosen setting's median final metric, the best per task in bold, ✓ where
     the median seed reached the target, and failed/total runs where any run diverged or failed."""
     headers = ["optimizer", *a.tasks]
-    best: dict[str, float] = {}
-    for task in a.tasks:
-        target = a.targets[task]
-        finals = [target.badness(s.final()[0]) for s in a.chosen(task) if s.final() is not None]
-        best[task] = min(finals, default=math.inf)
+    chosen = {(c.task, c.optimizer): c for c in a.chosen()}
+    finals = {key: c.final()[0] for key, c in chosen.items() if c.final() is not None}
+    best = {task: min((a.targets[task].badness(v) for (t, _), v in finals.items() if t == task), default=math.inf)
+            for task in a.tasks}
     rows = []
     for opt in a.optimizers:
         row = [opt]
         for task in a.tasks:
-            (s, *_) = [c for c in a.chosen(task) if c.optimizer == opt] or [None]
-            if s is None or s.final() is None:
+            if (task, opt) not in finals:
                 row.append(DASH)
                 continue
-            value = s.final()[0]
+            s, value = chosen[(task, opt)], finals[(task, opt)]
             cell = fmt(value, 3)
             if math.isfinite(value) and a.targets[task].badness(value) == best[task]:
                 cell = f"**{cell}**"
