@@ -68,7 +68,10 @@ register("metaoptimize", MetaOptimize, kwargs={"alpha0": 1e-2, "meta_lr": 1e-2, 
                   ({"base": "sgd"}, "trace_term")))
 register("metaoptimize_full", MetaOptimize, needs_closure=True,
          kwargs={"base": "sgd", "variant": "full", "alpha0": 2e-3, "meta_lr": 3e-3},
-         invalid=(({"base": "adam"}, "variant"), ({"alpha0": -1.0}, "alpha0")))
+         invalid=(({"base": "lion"}, "variant"), ({"alpha0": -1.0}, "alpha0")))
+register("metaoptimize_full_adam", MetaOptimize, needs_closure=True,
+         kwargs={"base": "adam", "variant": "full", "alpha0": 1e-2, "meta_lr": 3e-3},
+         invalid=(({"trace_term": "gradient"}, "trace_term"),))
 register("metaoptimize_sgdm", MetaOptimize, kwargs={"base": "sgdm", "alpha0": 3e-4, "meta_lr": 3e-3},
          invalid=(({"base": "sgdm", "momentum": 1.0}, "momentum"),))
 register("metaoptimize_blockwise", MetaOptimize, kwargs={"blocks": "layerwise", "alpha0": 1e-2, "meta_lr": 1e-2},
