@@ -73,6 +73,46 @@ def test_fixed_momentum_is_torch_adam(decoupled):
         torch.testing.assert_close(p, q)
 
 
+@pytest.mark.parametrize("beta", [0.3, 0.9])
+def test_energy_matched_lr_is_torch_adam_at_the_scaled_lr(beta):
+    """energy_matched_lr (ours): with β₁ held at b the step is Adam's at lr·√((1+b)/(1−b))."""
+    lr = 1e-2
+    a, loss_fn = mlp_problem()
+    b, c = copy.deepcopy(a), copy.deepcopy(a)
+    run(a, loss_fn, torch.optim.Adam(a.parameters(), lr=lr * math.sqrt((1 + beta) / (1 - beta)),
+                                     betas=(beta, 0.99), weight_decay=1e-2), 30)
+    opt = GreedyAdam(b.parameters(), lr=lr, beta2=0.99, fixed_momentum=beta, weight_decay=1e-2,
+                     energy_matched_lr=True)
+    run(b, loss_fn, opt, 30)
+    run(c, loss_fn, torch.optim.Adam(c.parameters(), lr=lr, betas=(beta, 0.99), weight_decay=1e-2), 30)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q)
+    # The factor is not 1: plain Adam at lr moves differently. (β = 0, factor 1, is left out:
+    # GreedyAdam and torch.optim.Adam at β₁ = 0 already differ by rounding amplified to ~3e-5.)
+    assert any(not torch.allclose(p, q) for p, q in zip(b.parameters(), c.parameters()))
+    d = opt.diagnostics()
+    assert d["lr_factor"] == pytest.approx(math.sqrt((1 + beta) / (1 - beta)))
+    assert d["lr_eff"] == pytest.approx(lr * d["lr_factor"])
+
+
+def test_energy_matched_lr_is_validated_off_by_default_and_kept_by_state_dict():
+    p = torch.zeros(2, requires_grad=True)
+    with pytest.raises(ValueError, match="energy_matched_lr"):
+        GreedyAdam([p], energy_matched_lr=1)
+    with pytest.raises(ValueError, match="energy_matched_lr"):
+        GreedyAdam([p], energy_matched_lr="yes")
+    opt = GreedyAdam([p])
+    assert opt.param_groups[0]["energy_matched_lr"] is False
+    feed(opt, [p], [torch.ones(2)])
+    assert "lr_factor" not in opt.diagnostics()
+    on = GreedyAdam([p], energy_matched_lr=True)
+    feed(on, [p], [torch.ones(2)])
+    restored = GreedyAdam([p])
+    restored.load_state_dict(copy.deepcopy(on.state_dict()))
+    assert restored.param_groups[0]["energy_matched_lr"] is True
+    assert restored.diagnostics()["lr_factor"] == pytest.approx(on.diagnostics()["lr_factor"])
+
+
 def test_changing_beta1_keeps_adams_bias_correction_exact():
     """With the running EMA weight c, m/c is the weighted mean of the gradients for any β₁ sequence."""
     p = torch.zeros(3, requires_grad=True)
@@ -315,13 +355,15 @@ def test_sweep_then_comparison_table_and_momentum_plot(tmp_path, data_dir):
     assert Path(sweep / "greedy_table.md").read_text() in out
 
 
-def _fake_run(root: Path, task: str, family: str, fixed, seed: int, val: float, train_losses: list[float]):
-    run = root / f"{task}-{family}-{fixed}-{seed}"
+def _fake_run(root: Path, task: str, family: str, fixed, seed: int, val: float, train_losses: list[float],
+              energy: bool = False):
+    run = root / f"{task}-{family}-{fixed}-{seed}-{energy}"
     (run / ".hydra").mkdir(parents=True)
     steps = len(train_losses)
+    extra = ", energy_matched_lr: true" if energy else ""
     (run / ".hydra" / "config.yaml").write_text(
         f"task: {{_target_: metaopt.tasks.{task}}}\n"
-        f"optimizer: {{_target_: metaopt.optim.{family}, lr: 0.1, fixed_momentum: {fixed}}}\n"
+        f"optimizer: {{_target_: metaopt.optim.{family}, lr: 0.1, fixed_momentum: {fixed}{extra}}}\n"
         f"trainer: {{steps: {steps}}}\nseed: {seed}\n")
     (run / "summary.json").write_text(json.dumps({"status": "completed", "objective": val,
                                                   "best": {"val/loss": val}}))
@@ -341,6 +383,23 @@ def test_comparison_judges_the_tracking_loss_on_the_quadratic_and_validation_els
     quad, moons = rows["NoisyQuadratic"]["final"], rows["TwoMoons"]["final"]
     assert quad["greedy"] == 1.0 and quad["best_fixed"] == 2.0 and quad["within_5pct"]
     assert moons["greedy"] == 1.0 and moons["best_fixed"] == pytest.approx(0.1) and not moons["within_5pct"]
+
+
+def test_comparison_keeps_energy_matched_runs_apart_from_plain_greedy_and_fixed_beta(tmp_path):
+    """energy_matched_lr runs (combined from another sweep) get their own greedy row; a fixed β with
+    it on is not a candidate for the best fixed β."""
+    from metaopt.experiments.greedy_compare import collect, compare, markdown
+
+    _fake_run(tmp_path / "a", "TwoMoons", "GreedyAdam", "null", 0, 3.0, [1.0] * 10)
+    _fake_run(tmp_path / "a", "TwoMoons", "GreedyAdam", 0.5, 0, 2.0, [1.0] * 10)
+    _fake_run(tmp_path / "b", "TwoMoons", "GreedyAdam", "null", 0, 2.05, [1.0] * 10, energy=True)
+    _fake_run(tmp_path / "b", "TwoMoons", "GreedyAdam", 0.5, 0, 0.5, [1.0] * 10, energy=True)
+    rows = {r["greedy_variant"]: r for r in compare(collect([tmp_path / "a", tmp_path / "b"], tail=0.2))}
+    assert set(rows) == {"greedy", "greedy+energy"}
+    assert rows["greedy"]["final"]["greedy"] == 3.0 and not rows["greedy"]["final"]["within_5pct"]
+    energy = rows["greedy+energy"]["final"]
+    assert energy["greedy"] == 2.05 and energy["best_fixed"] == 2.0 and energy["within_5pct"]
+    assert "| TwoMoons | Adam (greedy+energy) | 0.1 | final |" in markdown(list(rows.values()))
 
 
 @pytest.mark.slow

@@ -20,6 +20,11 @@ each averaged over seeds:
 training loss far lower while the validation loss rises (it fits the training set), so the best β
 by training loss and by validation loss differ and no single run can match both.
 
+Greedy runs with GreedyAdam's ``energy_matched_lr=true`` (our variant) are a second greedy variant,
+``greedy+energy``, compared with the same fixed-β runs; fixed-β runs with it on are their own variants
+(``β+energy``) and are not candidates for the best fixed β. Sweeps can be combined: pass the sweep of
+the variant and the fixed-β sweep together.
+
 Writes ``greedy_table.md``, ``greedy_results.json`` and ``greedy_momentum.png`` (the β chosen over
 training, one line per seed, per task and family) into ``--out`` (default: the first sweep).
 """
@@ -62,6 +67,11 @@ def load_run(run_dir: Path, tail: float) -> dict[str, Any] | None:
     steps = int(cfg["trainer"]["steps"])
     tail_losses = [r["train/loss"] for r in records if r["step"] > (1.0 - tail) * steps]
     fixed = cfg["optimizer"].get("fixed_momentum")
+    energy = bool(cfg["optimizer"].get("energy_matched_lr", False))
+    if fixed is None:
+        variant: Any = "greedy+energy" if energy else "greedy"
+    else:
+        variant = f"{float(fixed):g}+energy" if energy else float(fixed)
     task = str(cfg["task"]["_target_"]).rsplit(".", 1)[-1]
     val = float(summary.get("objective", math.inf)) if ok else math.inf
     train_tail = statistics.fmean(tail_losses) if ok and tail_losses else math.inf
@@ -70,7 +80,7 @@ def load_run(run_dir: Path, tail: float) -> dict[str, Any] | None:
         "task": task,
         "family": family,
         "lr": float(cfg["optimizer"]["lr"]),
-        "variant": "greedy" if fixed is None else float(fixed),
+        "variant": variant,
         "seed": int(cfg["seed"]),
         "status": summary.get("status"),
         "final": train_tail if task in TRACKING_TASKS else val,
@@ -91,8 +101,12 @@ def collect(sweeps: Iterable[Path], tail: float) -> list[dict[str, Any]]:
     return runs
 
 
+GREEDY_VARIANTS = ("greedy", "greedy+energy")
+
+
 def compare(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (task, family, lr): the mean of each metric per variant, the best fixed β, the gaps."""
+    """Per (task, family, lr) and greedy variant present (``greedy`` if none): the mean of each
+    metric per variant, the best fixed β (plain fixed-β runs only), the gaps."""
     cells: dict[tuple, dict[Any, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
         cells[(run["task"], run["family"], run["lr"])][run["variant"]].append(run)
@@ -101,20 +115,24 @@ def compare(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         means = {v: {m: statistics.fmean(r[m] for r in rs) for m in METRICS}
                  | {f"{m}_sd": _sd([r[m] for r in rs]) for m in METRICS} | {"seeds": len(rs)}
                  for v, rs in variants.items()}
-        fixed = {v: m for v, m in means.items() if v != "greedy"}
-        row: dict[str, Any] = {"task": task, "family": family, "lr": lr, "variants": means}
-        for metric in METRICS:
-            if not fixed:
-                continue
-            best_beta = min(fixed, key=lambda v: fixed[v][metric])
-            best = fixed[best_beta][metric]
-            greedy = means.get("greedy", {}).get(metric, math.nan)
-            gap = greedy / best - 1.0 if best > 0 and math.isfinite(best) else math.nan
-            row[metric] = {"best_fixed_momentum": best_beta, "best_fixed": best, "greedy": greedy,
-                           "best_fixed_sd": fixed[best_beta][f"{metric}_sd"],
-                           "greedy_sd": means.get("greedy", {}).get(f"{metric}_sd", math.nan),
-                           "gap": gap, "within_5pct": bool(gap <= 0.05)}
-        out.append(row)
+        fixed = {v: m for v, m in means.items() if isinstance(v, float)}
+        present = [g for g in GREEDY_VARIANTS if g in means] or ["greedy"]
+        for name in present:
+            row: dict[str, Any] = {"task": task, "family": family, "lr": lr, "greedy_variant": name,
+                                   "variants": means}
+            g_means = means.get(name, {})
+            for metric in METRICS:
+                if not fixed:
+                    continue
+                best_beta = min(fixed, key=lambda v: fixed[v][metric])
+                best = fixed[best_beta][metric]
+                greedy = g_means.get(metric, math.nan)
+                gap = greedy / best - 1.0 if best > 0 and math.isfinite(best) else math.nan
+                row[metric] = {"best_fixed_momentum": best_beta, "best_fixed": best, "greedy": greedy,
+                               "best_fixed_sd": fixed[best_beta][f"{metric}_sd"],
+                               "greedy_sd": g_means.get(f"{metric}_sd", math.nan),
+                               "gap": gap, "within_5pct": bool(gap <= 0.05)}
+            out.append(row)
     return out
 
 
@@ -135,13 +153,15 @@ def markdown(rows: list[dict[str, Any]]) -> str:
                 continue
             c = row[metric]
             others = ", ".join(f"{v:g}: {m[metric]:.4g}" for v, m in sorted(
-                ((v, m) for v, m in row["variants"].items() if v != "greedy"), key=lambda x: x[0]))
-            lines.append(f"| {row['task']} | {row['family']} | {row['lr']:g} | {metric} | "
+                ((v, m) for v, m in row["variants"].items() if isinstance(v, float)), key=lambda x: x[0]))
+            variant = row.get("greedy_variant", "greedy")
+            family = row["family"] if variant == "greedy" else f"{row['family']} ({variant})"
+            lines.append(f"| {row['task']} | {family} | {row['lr']:g} | {metric} | "
                          f"{c['greedy']:.4g} ± {c['greedy_sd']:.2g} | "
                          f"{c['best_fixed_momentum']:g}: {c['best_fixed']:.4g} ± {c['best_fixed_sd']:.2g} | "
                          f"{100 * c['gap']:+.1f}% | "
                          f"{'yes' if c['within_5pct'] else 'no'} | {others} | "
-                         f"{row['variants'].get('greedy', {}).get('seeds', 0)} |")
+                         f"{row['variants'].get(variant, {}).get('seeds', 0)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -151,7 +171,7 @@ def plot_momentum(runs: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    greedy = [r for r in runs if r["variant"] == "greedy" and r["momentum"]]
+    greedy = [r for r in runs if r["variant"] in GREEDY_VARIANTS and r["momentum"]]
     families = sorted({r["family"] for r in greedy})
     columns = sorted({r["task"] for r in greedy})
     if not greedy:
@@ -164,7 +184,8 @@ def plot_momentum(runs: list[dict[str, Any]], path: Path) -> None:
             cell = [r for r in greedy if (r["family"], r["task"]) == (family, task)]
             for r in sorted(cell, key=lambda r: (r["lr"], r["seed"])):
                 steps, betas = zip(*r["momentum"])
-                ax.plot(steps, betas, lw=1, label=f"seed {r['seed']}, lr {r['lr']:g}")
+                tag = "" if r["variant"] == "greedy" else f", {r['variant']}"
+                ax.plot(steps, betas, lw=1, label=f"seed {r['seed']}, lr {r['lr']:g}{tag}")
             ax.set_title(f"{task} · {family}", fontsize=9)
             ax.set_ylim(-0.02, 1.0)
             ax.grid(alpha=0.3)
