@@ -212,7 +212,10 @@ def plot(task: str, metas: list[dict[str, Any]], best_lr: float, best_train_lr: 
         if "alpha_curve" not in r:
             continue
         steps, alphas = zip(*r["alpha_curve"])
-        label = (f"start {starts[r['start']]:.3g} ({r['start']}, meta_lr {r['meta_lr']:g})"
+        # The overrides besides meta_lr (e.g. variant=full) tell the arms apart in the legend.
+        other = [o.split(".", 1)[-1] for o in r.get("meta", []) if "meta_lr" not in o]
+        label = (f"start {starts[r['start']]:.3g} ({r['start']}, meta_lr {r['meta_lr']:g}"
+                 f"{', ' + ', '.join(other) if other else ''})"
                  if r["seed"] == min(m["seed"] for m in metas) else None)
         ax.plot(steps, alphas, color=colours[r["start"]], alpha=0.7, lw=1, label=label)
     ax.axhline(best_lr, color="k", ls="--", lw=1, label=f"best constant lr {best_lr:g}")
