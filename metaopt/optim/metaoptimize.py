@@ -117,12 +117,26 @@ def _decay(p: Tensor, st: State, alpha: float, wd: float, gamma: float, trace_wd
     return inv_scale
 
 
-def _moment_traces(p: Tensor, st: State, first: bool = True) -> tuple[Tensor | None, Tensor]:
-    """The full trace's ``∂m/∂β`` (``first``) and ``∂v/∂β`` of Adam's/RMSProp's moments."""
-    for key in ("moment_trace", "square_trace") if first else ("square_trace",):
-        if key not in st:
-            st[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
-    return st.get("moment_trace"), st["square_trace"]
+def _zeros_state(p: Tensor, st: State, key: str) -> Tensor:
+    if key not in st:
+        st[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return st[key]
+
+
+def _advance_square_trace(p: Tensor, st: State, g: Tensor, hv: Tensor, rho: float, gamma: float) -> Tensor:
+    """``k_v ← γ(ρk_v + 2(1 − ρ)·g ⊙ H h)``: the full trace's ``∂v/∂β`` of ``v ← ρv + (1 − ρ)g²``."""
+    kv = _zeros_state(p, st, "square_trace")
+    return kv.mul_(gamma * rho).addcmul_(g, hv, value=2 * gamma * (1 - rho))
+
+
+def _normalized_derivative(dx: Tensor, x: Tensor, kv: Tensor, v: Tensor, denom: Tensor,
+                           bias: float = 1.0) -> Tensor:
+    """``∂(x/D)/∂β`` for ``D = √(v/bias) + ε``, given ``dx = ∂x/∂β`` and ``kv = ∂v/∂β``.
+
+    ``∂D/∂β = k_v/(2√(bias·v))``; where v = 0 the gradient was always 0 and so is k_v.
+    """
+    d_denom = kv / (v.sqrt().mul_(2 * bias**0.5).clamp_(min=torch.finfo(v.dtype).tiny))
+    return (dx - x * d_denom / denom) / denom
 
 
 def sgd_update(p: Tensor, g: Tensor, st: State, alpha: float, hp: Hyper, gamma: float,
@@ -171,13 +185,11 @@ def rmsprop_update(p: Tensor, g: Tensor, st: State, alpha: float, hp: Hyper, gam
     if v is None:
         v = st["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
     if hv is not None:
-        _, kv = _moment_traces(p, st, first=False)
-        kv.mul_(gamma * hp["rho"]).addcmul_(g, hv, value=2 * gamma * (1 - hp["rho"]))
+        kv = _advance_square_trace(p, st, g, hv, hp["rho"], gamma)
     v.mul_(hp["rho"]).addcmul_(g, g, value=1 - hp["rho"])
     avg = v.sqrt().add_(hp["eps"])
     if hv is not None:
-        d_avg = kv / (v.sqrt().mul_(2).clamp_(min=torch.finfo(v.dtype).tiny))
-        st["trace"].add_((hv * gamma - g * d_avg / avg) / avg, alpha=-alpha * k)
+        st["trace"].add_(_normalized_derivative(hv * gamma, g, kv, v, avg), alpha=-alpha * k)
     p.addcdiv_(g, avg, value=-alpha)
     st["trace"].addcdiv_(g, avg, value=-alpha * k)
 
@@ -207,9 +219,8 @@ def adam_update(p: Tensor, g: Tensor, st: State, alpha: float, hp: Hyper, gamma:
     beta1, beta2 = hp["betas"]
     m, v = st["exp_avg"], st["exp_avg_sq"]
     if full:
-        km, kv = _moment_traces(p, st)
-        km.mul_(gamma * beta1).add_(hv, alpha=gamma * (1 - beta1))
-        kv.mul_(gamma * beta2).addcmul_(g, hv, value=2 * gamma * (1 - beta2))
+        km = _zeros_state(p, st, "moment_trace").mul_(gamma * beta1).add_(hv, alpha=gamma * (1 - beta1))
+        kv = _advance_square_trace(p, st, g, hv, beta2, gamma)
     st["step"] += 1
     m.lerp_(g, 1 - beta1)
     v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
@@ -219,10 +230,7 @@ def adam_update(p: Tensor, g: Tensor, st: State, alpha: float, hp: Hyper, gamma:
     bias2 = 1 - beta2**step
     denom = (v.sqrt() / bias2**0.5).add_(hp["eps"])
     if full:
-        # ∂D/∂β = k_v/(2√(bias2·v)); where v = 0 the gradient was always 0 and so is k_v.
-        d_denom = kv / (v.sqrt().mul_(2 * bias2**0.5).clamp_(min=torch.finfo(v.dtype).tiny))
-        direction = (km - m * d_denom / denom) / denom
-        st["trace"].add_(direction, alpha=-step_size * k)
+        st["trace"].add_(_normalized_derivative(km, m, kv, v, denom, bias2), alpha=-step_size * k)
     p.addcdiv_(m, denom, value=-step_size)
     if hp["trace_term"] == "gradient":
         # The authors' AdamW+Lion code (meta_optimize/MetaOptimize_AdamW_Lion_hg.py).
