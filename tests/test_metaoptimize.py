@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -721,16 +722,25 @@ def test_experiments_run_tiny(make_cfg, tmp_path, name):
 
 
 @pytest.mark.slow
-def test_study_script_writes_results_and_plot(tmp_path, data_dir):
+@pytest.mark.parametrize("base,plain,state_bytes", [("adam", "torch.optim.Adam", (8.0, 12.0)),
+                                                    ("sgdm", "torch.optim.SGD", (4.0, 8.0))])
+def test_study_script_writes_results_and_plot(tmp_path, data_dir, base, plain, state_bytes):
     from metaopt.experiments.metaoptimize_study import main
 
-    main(["--task", "quadratic", "--out", str(tmp_path), "--lrs", "1", "3", "--seeds", "0",
+    main(["--task", "quadratic", "--base", base, "--out", str(tmp_path), "--lrs", "0.3", "1", "--seeds", "0",
           "--schedules", "constant", "--data-dir", data_dir, "--set", "trainer.steps=40", "trainer.log_every=10"])
     result = json.loads((tmp_path / "results.json").read_text())
-    assert result["best_fixed_lr"] in (1.0, 3.0)
+    assert result["base"] == base and result["best_fixed_lr"] in (0.3, 1.0)
     assert set(result["metaoptimize"]) == {"low", "high", "default"}
     assert result["metaoptimize"]["low"]["alpha0"] == pytest.approx(result["best_fixed_lr"] / 100)
     assert (tmp_path / "alpha.png").stat().st_size > 0
+    # every run used the base asked for: the grid the plain optimizer, the starts MetaOptimize around
+    # it (its state is the base's plus one trace per parameter: 4 bytes)
+    for run in result["runs"]:
+        summary = json.loads((Path(run["run_dir"]) / "summary.json").read_text())
+        grid = run["kind"] == "grid"
+        assert summary["optimizer"] == (plain if grid else "metaopt.optim.MetaOptimize")
+        assert summary["optimizer_state_bytes_per_param"] == pytest.approx(state_bytes[not grid], abs=0.1)
 
 
 @pytest.mark.parametrize("base,per_param", [("sgd", 4.0), ("sgdm", 8.0), ("adam", 12.0)])

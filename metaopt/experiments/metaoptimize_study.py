@@ -4,8 +4,9 @@ Sharifnassab, Salehkaleybar and Sutton, "MetaOptimize: A Framework for Optimizin
 Other Meta-parameters", ICML 2025 (arXiv 2402.02342), claim that the learnt step size reaches
 the performance of the best hand-tuned one from a bad start. For one task this script runs
 
-1. the base optimizer (Adam) over a grid of learning rates, for each schedule asked for
-   (constant, cosine, step), over several seeds;
+1. the base optimizer (Adam; SGD+momentum with ``--base sgdm``, against ``metaoptimize_sgdm``)
+   over a grid of learning rates, for each schedule asked for (constant, cosine, step), over
+   several seeds;
 2. MetaOptimize started at the best constant lr divided and multiplied by ``--factor`` (100),
    with ``--meta`` overrides (default ``optimizer.meta_lr=0.01``: Lion moves log α by exactly
    meta_lr per step, so 100x takes at least ln(100)/meta_lr steps, 460 at 1e-2 and 4600 at the
@@ -46,27 +47,34 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+# (task, base) -> the base optimizer's lr grid
 _DEFAULT_LRS = {
-    "mnist1d": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2],
-    "quadratic": [0.1, 0.3, 1.0, 3.0, 10.0, 30.0],
+    ("mnist1d", "adam"): [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2],
+    ("quadratic", "adam"): [0.1, 0.3, 1.0, 3.0, 10.0, 30.0],
+    ("mnist1d", "sgdm"): [3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0],
+    ("quadratic", "sgdm"): [0.01, 0.03, 0.1, 0.3, 1.0, 3.0],
 }
 _STEADY_STATE_TASKS = ("quadratic",)
+# base name -> (the plain optimizer's config tuned by the grid, the MetaOptimize config around it)
+_BASES = {"adam": ("adam", "metaoptimize"), "sgdm": ("momentum", "metaoptimize_sgdm")}
 
 
 def _overrides_for(arm: dict[str, Any]) -> list[str]:
+    plain, wrapped = _BASES[arm.get("base", "adam")]
     if arm["kind"] == "grid":
-        return ["optimizer=adam", f"optimizer.lr={arm['lr']}", f"scheduler={arm['schedule']}"]
+        return [f"optimizer={plain}", f"optimizer.lr={arm['lr']}", f"scheduler={arm['schedule']}"]
     alpha0 = [] if arm["alpha0"] is None else [f"optimizer.alpha0={arm['alpha0']}"]
-    return ["optimizer=metaoptimize", *alpha0, *arm.get("meta", [])]
+    return [f"optimizer={wrapped}", *alpha0, *arm.get("meta", [])]
 
 
 def _run_name(arm: dict[str, Any]) -> str:
+    plain, wrapped = _BASES[arm.get("base", "adam")]
     if arm["kind"] == "grid":
-        return f"adam_{arm['schedule']}_lr{arm['lr']:g}_s{arm['seed']}"
+        return f"{plain}_{arm['schedule']}_lr{arm['lr']:g}_s{arm['seed']}"
     if arm["alpha0"] is None and not arm.get("meta"):
-        return f"metaoptimize_default_s{arm['seed']}"
+        return f"{wrapped}_default_s{arm['seed']}"
     extra = "_".join(o.replace("optimizer.", "").replace("=", "") for o in arm.get("meta", []))
-    return f"metaoptimize_a{arm['alpha0']:g}{'_' + extra if extra else ''}_s{arm['seed']}"
+    return f"{wrapped}_a{arm['alpha0']:g}{'_' + extra if extra else ''}_s{arm['seed']}"
 
 
 def run_arm(task: str, arm: dict[str, Any], out: Path, extra: list[str], data_dir: str | None) -> dict[str, Any]:
@@ -133,9 +141,9 @@ def _geomean(xs: list[float]) -> float:
 
 
 def study(task: str, out: Path, lrs: list[float], seeds: list[int], schedules: list[str], factor: float,
-          extra: list[str], meta: list[str], jobs: int, data_dir: str | None) -> dict[str, Any]:
+          extra: list[str], meta: list[str], jobs: int, data_dir: str | None, base: str = "adam") -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
-    grid_arms = [{"kind": "grid", "schedule": s, "lr": lr, "seed": seed}
+    grid_arms = [{"kind": "grid", "base": base, "schedule": s, "lr": lr, "seed": seed}
                  for s in schedules for lr in lrs for seed in seeds]
     grid = _map(run_arm, jobs, [(task, a, out, extra, data_dir) for a in grid_arms])
 
@@ -159,9 +167,11 @@ def study(task: str, out: Path, lrs: list[float], seeds: list[int], schedules: l
     best_train_loss = table["constant"]["best_train_tail_loss"]
 
     starts = {"low": best_lr / factor, "high": best_lr * factor}
-    meta_arms = [{"kind": "metaoptimize", "start": name, "alpha0": a0, "seed": seed, "meta": meta}
+    meta_arms = [{"kind": "metaoptimize", "base": base, "start": name, "alpha0": a0, "seed": seed,
+                  "meta": meta}
                  for name, a0 in starts.items() for seed in seeds]
-    meta_arms += [{"kind": "metaoptimize", "start": "default", "alpha0": None, "seed": seed, "meta": []}
+    meta_arms += [{"kind": "metaoptimize", "base": base, "start": "default", "alpha0": None, "seed": seed,
+                   "meta": []}
                   for seed in seeds]
     metas = _map(run_arm, jobs, [(task, a, out, extra, data_dir) for a in meta_arms])
     starts["default"] = metas[-1]["alpha0"]
@@ -187,7 +197,7 @@ def study(task: str, out: Path, lrs: list[float], seeds: list[int], schedules: l
             < abs(math.log(a0 / best_train_lr)),
             **{k: _mean([r[k] for r in runs]) for k in ("val/accuracy", "test/accuracy", "test/loss") if k in runs[0]},
         }
-    result = {"task": task, "seeds": seeds, "lrs": lrs, "factor": factor, "extra_overrides": extra,
+    result = {"task": task, "base": base, "seeds": seeds, "lrs": lrs, "factor": factor, "extra_overrides": extra,
               "metaoptimize_overrides": meta, "final_loss_definition":
               "mean train/loss over the last 20% of steps" if task in _STEADY_STATE_TASKS else "final val/loss",
               "baselines": table, "best_fixed_lr": best_lr, "best_fixed_loss": best_loss,
@@ -195,12 +205,12 @@ def study(task: str, out: Path, lrs: list[float], seeds: list[int], schedules: l
               "metaoptimize": recovery,
               "runs": [{k: v for k, v in r.items() if k != "alpha_curve"} for r in grid + metas]}
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(task, metas, best_lr, best_train_lr, starts, out / "alpha.png")
+    plot(task, metas, best_lr, best_train_lr, starts, out / "alpha.png", base)
     return result
 
 
 def plot(task: str, metas: list[dict[str, Any]], best_lr: float, best_train_lr: float, starts: dict[str, float],
-         path: Path) -> None:
+         path: Path, base: str = "adam") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -224,7 +234,7 @@ def plot(task: str, metas: list[dict[str, Any]], best_lr: float, best_train_lr: 
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("α = exp(β)")
-    ax.set_title(f"MetaOptimize (Adam base, Lion meta) on {task}: α over training")
+    ax.set_title(f"MetaOptimize ({_BASES[base][0]} base, Lion meta) on {task}: α over training")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -234,9 +244,12 @@ def plot(task: str, metas: list[dict[str, Any]], best_lr: float, best_train_lr: 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m metaopt.experiments.metaoptimize_study", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", choices=sorted(_DEFAULT_LRS), default="mnist1d")
+    parser.add_argument("--task", choices=sorted({task for task, _ in _DEFAULT_LRS}), default="mnist1d")
     parser.add_argument("--out", type=Path, help="results directory (default results/metaoptimize_<task>)")
-    parser.add_argument("--lrs", type=float, nargs="+", help="Adam's lr grid")
+    parser.add_argument("--base", choices=sorted(_BASES), default="adam",
+                        help="base optimizer: adam (optimizer=adam vs metaoptimize) or sgdm (optimizer=momentum vs "
+                        "metaoptimize_sgdm)")
+    parser.add_argument("--lrs", type=float, nargs="+", help="the base optimizer's lr grid")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--schedules", nargs="+", default=["constant", "cosine", "step"],
                         choices=["constant", "cosine", "step", "warmup_cosine"])
@@ -250,12 +263,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="overrides for every run, e.g. --set trainer.steps=1000")
     args = parser.parse_args(argv)
     out = args.out or Path("results") / f"metaoptimize_{args.task}"
-    result = study(args.task, out, args.lrs or _DEFAULT_LRS[args.task], args.seeds, args.schedules, args.factor,
-                   args.overrides, args.meta, args.jobs, args.data_dir)
+    result = study(args.task, out, args.lrs or _DEFAULT_LRS[args.task, args.base], args.seeds, args.schedules, args.factor,
+                   args.overrides, args.meta, args.jobs, args.data_dir, args.base)
     print(f"{args.task}: best constant lr {result['best_fixed_lr']:g}, final loss {result['best_fixed_loss']:.4g}; "
           f"by train loss {result['best_fixed_lr_by_train_loss']:g} ({result['best_fixed_train_tail_loss']:.4g})")
     for s, row in result["baselines"].items():
-        print(f"  adam {s:<9} best lr {row['best_lr']:<8g} final loss {row['best_loss']:.4g}")
+        print(f"  {_BASES[args.base][0]} {s:<9} best lr {row['best_lr']:<8g} final loss {row['best_loss']:.4g}")
     for row in result["metaoptimize"].values():
         print(f"  metaoptimize from {row['alpha0']:<8.3g} meta_lr {row['meta_lr']:<6g} final α {row['final_alpha_geomean']:<9.3g} "
               f"final loss {row['final_loss']:.4g} (x{row['loss_ratio_to_best_fixed']:.3f} of best fixed), "
