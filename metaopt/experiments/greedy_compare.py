@@ -182,10 +182,18 @@ def plot_momentum(runs: list[dict[str, Any]], path: Path) -> None:
         for j, task in enumerate(columns):
             ax = axes[i][j]
             cell = [r for r in greedy if (r["family"], r["task"]) == (family, task)]
-            for r in sorted(cell, key=lambda r: (r["lr"], r["seed"])):
-                steps, betas = zip(*r["momentum"])
-                tag = "" if r["variant"] == "greedy" else f", {r['variant']}"
-                ax.plot(steps, betas, lw=1, label=f"seed {r['seed']}, lr {r['lr']:g}{tag}")
+            # One colour per (lr, variant): every seed thin, their median thick, one legend entry each
+            # (a legend line per seed buries the axes once there are more than a few seeds).
+            arms = sorted({(r["lr"], r["variant"]) for r in cell})
+            for k, (lr, variant) in enumerate(arms):
+                colour = f"C{k % 10}"
+                seeds = [dict(r["momentum"]) for r in cell if (r["lr"], r["variant"]) == (lr, variant)]
+                for betas in seeds:
+                    ax.plot(list(betas), list(betas.values()), color=colour, lw=0.6, alpha=0.35)
+                steps = sorted(set.intersection(*(set(b) for b in seeds)))
+                tag = "" if variant == "greedy" else f", {variant}"
+                ax.plot(steps, [statistics.median(b[t] for b in seeds) for t in steps], color=colour, lw=1.8,
+                        label=f"lr {lr:g}{tag} (median of {len(seeds)} seeds)")
             ax.set_title(f"{task} · {family}", fontsize=9)
             ax.set_ylim(-0.02, 1.0)
             ax.grid(alpha=0.3)

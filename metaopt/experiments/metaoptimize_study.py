@@ -118,6 +118,8 @@ def summarise(run_dir: Path, task: str, steps: int) -> dict[str, Any]:
     for key in ("val/accuracy", "test/accuracy", "test/loss"):
         if key in summary.get("final", {}):
             out[key] = summary["final"][key]
+    out["loss_curve"] = [(r["step"], r["train/loss"]) for r in records
+                         if isinstance(r.get("train/loss"), (int, float)) and math.isfinite(r["train/loss"])]
     alphas = [(r["step"], r["opt/alpha"]) for r in records if "opt/alpha" in r]
     if alphas:
         out["alpha_curve"] = alphas
@@ -203,39 +205,52 @@ def study(task: str, out: Path, lrs: list[float], seeds: list[int], schedules: l
               "baselines": table, "best_fixed_lr": best_lr, "best_fixed_loss": best_loss,
               "best_fixed_lr_by_train_loss": best_train_lr, "best_fixed_train_tail_loss": best_train_loss,
               "metaoptimize": recovery,
-              "runs": [{k: v for k, v in r.items() if k != "alpha_curve"} for r in grid + metas]}
+              "runs": [{k: v for k, v in r.items() if k not in ("alpha_curve", "loss_curve")} for r in grid + metas]}
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(task, metas, best_lr, best_train_lr, starts, out / "alpha.png", base)
+    best_runs = [r for r in grid if r["schedule"] == "constant" and r["lr"] == best_lr]
+    plot(task, metas, best_lr, best_train_lr, starts, out / "alpha.png", base, best_runs)
     return result
 
 
 def plot(task: str, metas: list[dict[str, Any]], best_lr: float, best_train_lr: float, starts: dict[str, float],
-         path: Path, base: str = "adam") -> None:
+         path: Path, base: str = "adam", best_runs: list[dict[str, Any]] | None = None) -> None:
+    """α over training beside the training loss, per start and seed; the best constant lr's runs in
+    black on the loss panel (a start that wrecks the model shows there long before α settles)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    fig, (ax, ax_loss) = plt.subplots(1, 2, figsize=(11.5, 4.0))
     colours = {"low": "tab:blue", "high": "tab:red", "default": "tab:green"}
+    first_seed = min((m["seed"] for m in metas), default=0)
     for r in metas:
-        if "alpha_curve" not in r:
-            continue
-        steps, alphas = zip(*r["alpha_curve"])
         # The overrides besides meta_lr (e.g. variant=full) tell the arms apart in the legend.
         other = [o.split(".", 1)[-1] for o in r.get("meta", []) if "meta_lr" not in o]
         label = (f"start {starts[r['start']]:.3g} ({r['start']}, meta_lr {r['meta_lr']:g}"
-                 f"{', ' + ', '.join(other) if other else ''})"
-                 if r["seed"] == min(m["seed"] for m in metas) else None)
-        ax.plot(steps, alphas, color=colours[r["start"]], alpha=0.7, lw=1, label=label)
+                 f"{', ' + ', '.join(other) if other else ''})" if r["seed"] == first_seed else None)
+        if "alpha_curve" in r:
+            ax.plot(*zip(*r["alpha_curve"]), color=colours[r["start"]], alpha=0.7, lw=1, label=label)
+        if r.get("loss_curve"):
+            ax_loss.plot(*zip(*r["loss_curve"]), color=colours[r["start"]], alpha=0.6, lw=0.8)
+    for r in best_runs or []:
+        if r.get("loss_curve"):
+            ax_loss.plot(*zip(*r["loss_curve"]), color="k", alpha=0.6, lw=0.8,
+                         label=f"constant lr {best_lr:g}" if r["seed"] == first_seed else None)
     ax.axhline(best_lr, color="k", ls="--", lw=1, label=f"best constant lr {best_lr:g}")
     if best_train_lr != best_lr:
         ax.axhline(best_train_lr, color="grey", ls=":", lw=1, label=f"best constant lr by train loss {best_train_lr:g}")
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("α = exp(β)")
-    ax.set_title(f"MetaOptimize ({_BASES[base][0]} base, Lion meta) on {task}: α over training")
-    ax.legend(fontsize=8)
+    ax.set_title(f"MetaOptimize ({_BASES[base][0]} base) on {task}: α over training", fontsize=10)
+    ax.legend(fontsize=7)
+    ax_loss.set_yscale("log")
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("training loss (logged steps)")
+    ax_loss.set_title("training loss, same colours", fontsize=10)
+    if best_runs:
+        ax_loss.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
