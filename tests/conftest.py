@@ -41,3 +41,49 @@ def make_cfg(data_dir) -> Callable[..., DictConfig]:
         return cfg
 
     return _make
+
+
+def _mnist1d_mlp() -> torch.nn.Module:
+    torch.manual_seed(0)
+    nn = torch.nn
+    return nn.Sequential(nn.Linear(40, 100), nn.ReLU(), nn.Linear(100, 100), nn.ReLU(), nn.Linear(100, 10))
+
+
+def training_step_cost_ratio(make_base: Callable, make_other: Callable, rounds: int = 15, steps: int = 100) -> float:
+    """Median CPU time of a training step with ``make_other(params)`` over one with ``make_base(params)``.
+
+    The task of ``python -m metaopt.bench steps`` (MNIST-1D's MLP 40-100-100-10, batch 128),
+    forward + backward + step, timed by this thread's CPU clock (so other processes on a shared
+    machine inflate neither side), in interleaved blocks of ``steps``, median over ``rounds``.
+    """
+    import statistics
+    import time
+
+    torch.set_num_threads(1)
+    x, y = torch.randn(128, 40), torch.randint(0, 10, (128,))
+    runs = {}
+    for kind, make in (("base", make_base), ("other", make_other)):
+        model = _mnist1d_mlp()
+        runs[kind] = (model, make(model.parameters()), [])
+
+    def block(model, opt, n):
+        start = time.thread_time()
+        for _ in range(n):
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        return time.thread_time() - start
+
+    for model, opt, _ in runs.values():
+        block(model, opt, 20)
+    for r in range(rounds):
+        for kind in (("base", "other") if r % 2 == 0 else ("other", "base")):
+            model, opt, times = runs[kind]
+            times.append(block(model, opt, steps))
+    return statistics.median(runs["other"][2]) / statistics.median(runs["base"][2])
+
+
+@pytest.fixture
+def step_cost_ratio() -> Callable[..., float]:
+    """:func:`training_step_cost_ratio`, for the step-cost tests of the optimizers' issues."""
+    return training_step_cost_ratio

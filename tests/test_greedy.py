@@ -426,3 +426,15 @@ def test_greedy_sgd_tracks_the_noisy_quadratic_as_well_as_the_best_fixed_momentu
 
     best = min(mean(beta) for beta in (0.0, 0.5, 0.9, 0.95, 0.99))
     assert mean(None) <= 1.05 * best
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,greedy,base", [
+    ("sgd", lambda ps: GreedySGD(ps, lr=1e-3), lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9)),
+    ("adam", lambda ps: GreedyAdam(ps, lr=1e-4), lambda ps: torch.optim.Adam(ps, lr=1e-4)),
+])
+def test_statistics_and_solves_cost_at_most_20pct_of_the_base_step(name, greedy, base, step_cost_ratio):
+    """Issue 5: with the default knobs (lags 8, a solve every 20 steps) a greedy training step costs
+    at most 20% more than its base optimizer's, on the benchmark script's MNIST-1D MLP."""
+    ratio = step_cost_ratio(base, greedy)
+    assert ratio <= 1.20, (name, ratio)

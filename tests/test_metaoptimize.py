@@ -450,40 +450,10 @@ def test_low_complexity_sgd_step_is_a_fixed_number_of_kernels_per_block(base):
     ("sgdm", {"base": "sgdm", "momentum": 0.9}, lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9)),
     ("adam", {"base": "adam"}, lambda ps: torch.optim.Adam(ps, lr=1e-5)),
 ])
-def test_low_complexity_step_cost_on_the_mnist1d_mlp(name, base, twin):
-    """Issue 4: a low-complexity MetaOptimize training step costs at most 15% more than its base's.
-
-    The task of ``python -m metaopt.bench steps`` (MNIST-1D's MLP 40-100-100-10, batch 128),
-    forward + backward + step, timed by this thread's CPU clock (so other processes on a shared
-    machine inflate neither side), interleaved, median of rounds.
-    """
-    import statistics
-    import time
-
-    torch.set_num_threads(1)
-    x, y = torch.randn(128, 40), torch.randint(0, 10, (128,))
-    runs = {}
-    for kind in ("base", "meta"):
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(40, 100), nn.ReLU(), nn.Linear(100, 100), nn.ReLU(), nn.Linear(100, 10))
-        opt = twin(model.parameters()) if kind == "base" else MetaOptimize(model.parameters(), alpha0=1e-5, **base)
-        runs[kind] = (model, opt, [])
-
-    def block(model, opt, steps=100):
-        start = time.thread_time()
-        for _ in range(steps):
-            opt.zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-        return time.thread_time() - start
-
-    for model, opt, _ in runs.values():
-        block(model, opt, 20)
-    for r in range(15):
-        for kind in (("base", "meta") if r % 2 == 0 else ("meta", "base")):
-            model, opt, times = runs[kind]
-            times.append(block(model, opt))
-    ratio = statistics.median(runs["meta"][2]) / statistics.median(runs["base"][2])
+def test_low_complexity_step_cost_on_the_mnist1d_mlp(name, base, twin, step_cost_ratio):
+    """Issue 4: a low-complexity MetaOptimize training step costs at most 15% more than its base's
+    (``step_cost_ratio``: the benchmark script's MNIST-1D MLP, see tests/conftest.py)."""
+    ratio = step_cost_ratio(twin, lambda ps: MetaOptimize(ps, alpha0=1e-5, **base))
     assert ratio <= 1.15, (name, ratio)
 
 
