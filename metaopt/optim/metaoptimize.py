@@ -525,12 +525,12 @@ class MetaOptimize(torch.optim.Optimizer):
 
     Starting above the stable step size: the first base step is taken at α₀ before any
     meta-gradient exists (h₀ = 0), and Lion moves log α by exactly ``meta_lr`` per step (the
-    normalised meta-optimizers by about as much), so a start far above the largest lr the model
-    survives damages it before α comes down. On metaopt's MNIST-1D MLP (40k examples, Adam base,
-    meta_lr 3e-3, 3 seeds; best constant lr 1e-2, and 0.1 constant already ruins it) the final
-    validation loss is 1.06x the best constant lr's from 3x above, 1.32x from 10x above and 4.8x
-    (a dead network) from 100x above; from 100x below it is 0.95x. Start low, as the paper's
-    experiments do (α₀ 1e-6 in the authors' code).
+    normalised meta-optimizers by about ``meta_lr`` while the meta-gradient keeps its sign), so a
+    start far above the largest lr the model survives damages it before α comes down. On
+    metaopt's MNIST-1D MLP (40k examples, Adam base, meta_lr 3e-3, 3 seeds; best constant lr
+    1e-2, and 0.1 constant already ruins it) the final validation loss is 1.06x the best constant
+    lr's from 3x above, 1.32x from 10x above and 4.8x (a dead network) from 100x above; from 100x
+    below it is 0.95x. Start low, as the paper's experiments do (α₀ 1e-6 in the authors' code).
 
     Cost: one trace tensor per parameter beside the base optimizer's state (for SGD/SGDm with
     the flat path, traces and momentum buffers are stored flat: no more memory, but
