@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from metaopt.optim.utils import flat_views
+
 State = dict[str, Any]
 Hyper = dict[str, Any]
 
@@ -55,11 +57,15 @@ def _decay(params: list[Tensor], states: list[State], alpha: float, wd: float, g
     return 1.0 / scale
 
 
+def zeros_state(p: Tensor, st: State, key: str) -> Tensor:
+    """``st[key]``, created as zeros shaped like ``p`` on first use (lazy state, as torch.optim)."""
+    if key not in st:
+        st[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return st[key]
+
+
 def _state_tensors(states: list[State], key: str, like: list[Tensor]) -> list[Tensor]:
-    for st, p in zip(states, like):
-        if key not in st:
-            st[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
-    return [st[key] for st in states]
+    return [zeros_state(p, st, key) for st, p in zip(states, like)]
 
 
 def sgd_update(params, grads, states, alpha, hp, gamma) -> None:
@@ -151,12 +157,9 @@ def lion_update(params, grads, states, alpha, hp, gamma) -> None:
 
 
 def _adopt(cache: dict, flat: Tensor, params: list[Tensor], states: list[State], name: str) -> list[Tensor]:
-    views, offset = [], 0
-    for p, st in zip(params, states):
-        n = p.numel()
-        st[name] = view = flat[offset:offset + n].view(p.shape)
-        views.append(view)
-        offset += n
+    views = flat_views(flat, params)
+    for st, view in zip(states, views):
+        st[name] = view
     # One entry per bucket leader: a bucket whose members change replaces its entry, so the
     # cache cannot grow with the number of distinct sets of tensors that had gradients.
     cache[(name, id(params[0]))] = (flat, views)

@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 from metaopt.greedy.problems import geometric_tail, momentum_learning_rate, optimal_momentum
-from metaopt.optim.utils import shared_hyperparameters
+from metaopt.optim.utils import flat_views, shared_hyperparameters
 
 __all__ = ["GreedyAdam", "GreedySGD", "energy_matched_factor", "greedy_adam_update", "greedy_sgd_update"]
 
@@ -289,7 +289,7 @@ class _GreedyMomentum(torch.optim.Optimizer):
         cache = getattr(self, "_probe_cache", None)
         if cache is None or cache[0] is not ring:
             buf = torch.empty_like(ring[0])
-            cache = self._probe_cache = (ring, buf, _split(buf, params))
+            cache = self._probe_cache = (ring, buf, flat_views(buf, params))
         return cache[1], cache[2]
 
     def _ring_views(self, glob: dict[str, Any], pos: int, full: bool, params: list[Tensor]
@@ -322,7 +322,7 @@ class _GreedyMomentum(torch.optim.Optimizer):
                          for rows, e in pieces]
             else:
                 views = [(rows, e[:, 0], None) for rows, e in pieces]
-            self._view_cache[key] = (ring[pos], views, _split(ring[pos], params))
+            self._view_cache[key] = (ring[pos], views, flat_views(ring[pos], params))
         return self._view_cache[key]
 
     # ---- the solve ------------------------------------------------------------------------
@@ -440,13 +440,14 @@ class _GreedyMomentum(torch.optim.Optimizer):
         raise NotImplementedError
 
 
-def _split(flat: Tensor, params: list[Tensor]) -> list[Tensor]:
-    """Views of consecutive pieces of ``flat`` shaped as ``params``."""
-    parts, start = [], 0
-    for p in params:
-        parts.append(flat[start:start + p.numel()].view(p.shape))
-        start += p.numel()
-    return parts
+def _scatter(values: list[Tensor], active: list[int], n: int) -> list[Tensor | None]:
+    """``values`` of the parameters at indices ``active`` as a list over all ``n`` (None elsewhere)."""
+    if len(active) == n:
+        return list(values)
+    out: list[Tensor | None] = [None] * n
+    for i, v in zip(active, values):
+        out[i] = v
+    return out
 
 
 def _with_weight_decay(params: list[Tensor], grads: list[Tensor | None],
@@ -544,13 +545,7 @@ class GreedySGD(_GreedyMomentum):
         active, states, groups = self._step_plan(params, grads)
         act_params = params if len(active) == len(params) else [params[i] for i in active]
         act_grads = _with_weight_decay(act_params, [grads[i] for i in active], groups)
-        if len(active) < len(params):
-            full: list[Tensor | None] = [None] * len(params)
-            for i, g in zip(active, act_grads):
-                full[i] = g
-        else:
-            full = act_grads
-        glob = self._accumulate(params, full, None)
+        glob = self._accumulate(params, _scatter(act_grads, active, len(params)), None)
         glob["greedy_step"] += 1
         if self._due(glob["greedy_step"]):
             self._solve(params)
@@ -699,11 +694,8 @@ class GreedyAdam(_GreedyMomentum):
                                                   for g, s in zip(act_groups, states)]))
         torch._foreach_sqrt_(denoms)
         torch._foreach_add_(denoms, _scalars([g["eps"] for g in act_groups]))
-        probes: list[Tensor | None] = [None] * len(params)
-        full: list[Tensor | None] = [None] * len(params)
-        for i, g, pg in zip(active, act_grads, torch._foreach_div(act_grads, denoms)):
-            full[i], probes[i] = g, pg
-        glob = self._accumulate(params, full, probes)
+        probes = _scatter(torch._foreach_div(act_grads, denoms), active, len(params))
+        glob = self._accumulate(params, _scatter(act_grads, active, len(params)), probes)
         glob["greedy_step"] += 1
         if self._due(glob["greedy_step"]):
             self._solve(params)

@@ -30,6 +30,7 @@ from metaopt.optim._metaoptimize_foreach import (
     FOREACH_UPDATES,
     share_trace_scale,
     trace_dot,
+    zeros_state,
 )
 from metaopt.optim.pal import _RNGSnapshot
 from metaopt.optim.utils import shared_hyperparameters
@@ -117,15 +118,9 @@ def _decay(p: Tensor, st: State, alpha: float, wd: float, gamma: float, trace_wd
     return inv_scale
 
 
-def _zeros_state(p: Tensor, st: State, key: str) -> Tensor:
-    if key not in st:
-        st[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
-    return st[key]
-
-
 def _advance_square_trace(p: Tensor, st: State, g: Tensor, hv: Tensor, rho: float, gamma: float) -> Tensor:
     """``k_v ← γ(ρk_v + 2(1 − ρ)·g ⊙ H h)``: the full trace's ``∂v/∂β`` of ``v ← ρv + (1 − ρ)g²``."""
-    kv = _zeros_state(p, st, "square_trace")
+    kv = zeros_state(p, st, "square_trace")
     return kv.mul_(gamma * rho).addcmul_(g, hv, value=2 * gamma * (1 - rho))
 
 
@@ -164,9 +159,7 @@ def sgdm_update(p: Tensor, g: Tensor, st: State, alpha: float, hp: Hyper, gamma:
     else:
         buf.mul_(hp["momentum"]).add_(g)
     if hv is not None:
-        dk = st.get("momentum_trace")
-        if dk is None:
-            dk = st["momentum_trace"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        dk = zeros_state(p, st, "momentum_trace")
         dk.mul_(gamma * hp["momentum"]).add_(hv, alpha=gamma)
         u.add_(dk, alpha=-alpha * k)
     p.add_(buf, alpha=-alpha)
@@ -181,9 +174,7 @@ def rmsprop_update(p: Tensor, g: Tensor, st: State, alpha: float, hp: Hyper, gam
     ``−α·[H h/D − g ⊙ k_v/(2√v·D²)]``, ``D = √v + ε``, the derivative of ``g/D``.
     """
     k = _decay(p, st, alpha, hp["weight_decay"], gamma)
-    v = st.get("square_avg")
-    if v is None:
-        v = st["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    v = zeros_state(p, st, "square_avg")
     if hv is not None:
         kv = _advance_square_trace(p, st, g, hv, hp["rho"], gamma)
     v.mul_(hp["rho"]).addcmul_(g, g, value=1 - hp["rho"])
@@ -219,7 +210,7 @@ def adam_update(p: Tensor, g: Tensor, st: State, alpha: float, hp: Hyper, gamma:
     beta1, beta2 = hp["betas"]
     m, v = st["exp_avg"], st["exp_avg_sq"]
     if full:
-        km = _zeros_state(p, st, "moment_trace").mul_(gamma * beta1).add_(hv, alpha=gamma * (1 - beta1))
+        km = zeros_state(p, st, "moment_trace").mul_(gamma * beta1).add_(hv, alpha=gamma * (1 - beta1))
         kv = _advance_square_trace(p, st, g, hv, beta2, gamma)
     st["step"] += 1
     m.lerp_(g, 1 - beta1)
@@ -247,9 +238,7 @@ def lion_update(p: Tensor, g: Tensor, st: State, alpha: float, hp: Hyper, gamma:
     """
     del hv
     k = _decay(p, st, alpha, hp["weight_decay"], gamma)
-    m = st.get("exp_avg")
-    if m is None:
-        m = st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    m = zeros_state(p, st, "exp_avg")
     beta1, beta2 = hp["betas"]
     direction = m.lerp(g, 1 - beta1).sign_()
     p.add_(direction, alpha=-alpha)

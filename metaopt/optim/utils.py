@@ -1,4 +1,4 @@
-"""Helpers that inspect any ``torch.optim.Optimizer``."""
+"""Helpers that inspect any ``torch.optim.Optimizer``, and small pieces the optimizers share."""
 
 from __future__ import annotations
 
@@ -51,3 +51,13 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     if callable(extra):
         total += int(extra())
     return total
+
+
+def flat_views(flat: torch.Tensor, like: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """Views of consecutive pieces of the 1-D ``flat``, shaped as the tensors of ``like`` in order."""
+    views, start = [], 0
+    for p in like:
+        n = p.numel()
+        views.append(flat[start:start + n].view(p.shape))
+        start += n
+    return views
