@@ -30,11 +30,11 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
 from metaopt.config import config_dir
 from metaopt.optim import optimizer_state_bytes, requires_closure, set_mode
+from metaopt.train import _build
 
 
 def _cfg(*overrides: str) -> DictConfig:
@@ -51,9 +51,9 @@ class _Stepper:
     def __init__(self, task_name: str, optimizer_name: str, seed: int, extra: list[str], **optimizer_kwargs):
         cfg = _cfg(f"task={task_name}", f"optimizer={optimizer_name}", *extra)
         torch.manual_seed(seed)
-        self.task = instantiate(cfg.task, seed=seed, device="cpu")
+        self.task = _build(cfg.task, "task", seed=seed, device="cpu")
         self.model = self.task.model
-        self.optimizer = instantiate(cfg.optimizer)(self.model.parameters(), **optimizer_kwargs)
+        self.optimizer = _build(cfg.optimizer, "optimizer")(self.model.parameters(), **optimizer_kwargs)
         set_mode(self.optimizer, "train")
         self.closure_needed = requires_closure(self.optimizer)
         self.step_index = 0

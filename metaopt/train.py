@@ -70,9 +70,14 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _build(node: DictConfig, key: str, **kwargs: Any) -> Any:
-    """``instantiate`` a config group, turning constructor errors into a one-line ConfigError."""
+    """``instantiate`` a config group, turning constructor errors into a one-line ConfigError.
+
+    ``_convert_="all"`` hands constructors plain lists and dicts: an optimizer that keeps a YAML list
+    (Prodigy's ``betas``) as an OmegaConf ``ListConfig`` in its param_groups writes a checkpoint that
+    ``torch.load(weights_only=True)`` refuses, so the run could never resume.
+    """
     try:
-        return instantiate(node, **kwargs)
+        return instantiate(node, _convert_="all", **kwargs)
     except InstantiationException as exc:
         cause = exc.__cause__ or exc
         if isinstance(cause, MetaoptError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import io
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,8 @@ import torch
 from hydra.utils import instantiate
 
 from metaopt.config import config_dir
-from metaopt.optim import REGISTRY
+from metaopt.optim import REGISTRY, requires_closure, set_mode
+from metaopt.train import _build
 
 GROUPS = ("task", "optimizer", "scheduler", "logger", "meta")
 
@@ -47,9 +49,29 @@ def test_every_optimizer_config_instantiates_and_is_registered(make_cfg, name):
     except ImportError:
         pytest.skip(f"{name}: {module} is not installed (pip install 'metaopt[peers]')")
     assert cfg.optimizer._partial_ is True
-    opt = instantiate(cfg.optimizer)([torch.zeros(3, requires_grad=True)])
+    x = torch.zeros(3, requires_grad=True)
+    opt = _build(cfg.optimizer, "optimizer")([x])
     assert isinstance(opt, torch.optim.Optimizer)
     assert name in REGISTRY and isinstance(opt, REGISTRY[name].cls), "add one register() line for it"
+
+    # The checkpoint of a run that used this config must load the way resume loads it: a YAML list
+    # kept as an OmegaConf ListConfig in param_groups (Prodigy's betas) is refused by weights_only.
+    def closure():
+        opt.zero_grad()
+        loss = (x - 1.0).square().sum()
+        loss.backward()
+        return loss
+
+    set_mode(opt, "train")
+    if requires_closure(opt):
+        opt.step(closure)
+    else:
+        closure()
+        opt.step()
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    torch.load(buffer, weights_only=True)
 
 
 def test_every_registered_optimizer_has_a_config():

@@ -213,3 +213,22 @@ def test_drop_in_deepcopy_and_state_dict_exclude_meta_parameters():
     sd = copy.deepcopy(opt.state_dict())
     assert set(sd["state"][0]) == {"h"} and sd["state"][0]["h"].shape == (4, 4)
     assert all(set(g) >= {"lr", "params"} and "lopt" not in g for g in sd["param_groups"])
+
+
+@pytest.mark.parametrize("name", sorted(ARCHS))
+def test_drop_in_resumes_a_cpu_checkpoint_on_another_device(name):
+    # "meta" stands in for CUDA (no GPU here): what matters is that the parameters live on a device
+    # other than the CPU the checkpoint is read onto (train.py loads with map_location="cpu").
+    # torch's load_state_dict leaves a state tensor keyed "step" (MLPOptimizer's counter) on the CPU.
+    lopt = randomise(ARCHS[name]())
+    x = torch.randn(5, requires_grad=True)
+    opt = Learned([x], lopt=copy.deepcopy(lopt))
+    for _ in range(2):
+        x.grad = torch.randn(5)
+        opt.step()
+    y = x.detach().to("meta").requires_grad_()
+    resumed = Learned([y], lopt=copy.deepcopy(lopt))
+    resumed.load_state_dict(opt.state_dict())
+    y.grad = torch.randn(5, device="meta")
+    resumed.step()
+    assert all(v.device.type == "meta" for v in resumed.state[y].values())

@@ -147,7 +147,7 @@ class MLPOptimizer(LearnedOptimizer):
         # O(1) inputs whatever the scale of the problem.
         raw = raw * torch.rsqrt(raw.square().mean(dim=1, keepdim=True) + 1e-12)
         ratios = m_hat / (rms.unsqueeze(-1) + _EPS)
-        time = torch.tanh(t.unsqueeze(-1) / self.timescales.to(grad.dtype))  # [P, 1, τ]
+        time = torch.tanh(t.unsqueeze(-1) / self.timescales.to(grad))  # [P, 1, τ]
         time = time.expand(-1, grad.shape[1], -1)
         return torch.cat([raw, ratios, time], dim=-1)
 

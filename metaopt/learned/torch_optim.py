@@ -139,7 +139,9 @@ class Learned(torch.optim.Optimizer):
         for key, parts in out.items():
             if parts[0].dim() == 0:  # one value per run: the same in every parameter's state
                 source = per_run[key] if per_run is not None else parts[0]
-                state[key] = source.reshape(1)
+                # torch's load_state_dict moves every state tensor to its parameter's device except
+                # one under the key "step", MLPOptimizer's counter: a CPU checkpoint resumed on CUDA.
+                state[key] = source.reshape(1).to(theta.device)
             else:
                 state[key] = torch.cat(parts).unsqueeze(0)
         return state

@@ -159,7 +159,7 @@ class MetaTrainer:
         try:
             if node is None:
                 return load_lopt(checkpoint)
-            lopt = instantiate(node)
+            lopt = instantiate(node, _convert_="all")
         except ValueError as exc:
             raise ConfigError(f"optimizer.{exc}" if str(exc).startswith("checkpoint:") else
                               f"optimizer.lopt: {exc}") from None
