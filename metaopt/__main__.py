@@ -21,16 +21,43 @@ def _hydra_main(cfg: DictConfig) -> float:
 
     try:
         return train(cfg)
+    except KeyboardInterrupt:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            from metaopt.hydra_callbacks import job_interrupted
+
+            job_interrupted(HydraConfig.get())
+        raise
     except MetaoptError as exc:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
+            logging.getLogger("metaopt").error("job failed: %s", exc)
             raise  # the launcher records this job as failed and the sweep goes on
-        logging.getLogger("metaopt").error("%s", exc)
+        _log_to_files(str(exc))
         print(f"metaopt: error: {exc}", file=sys.stderr)
         sys.exit(2)
 
 
+def _log_to_files(message: str) -> None:
+    """Put an error in the run's log file only: the terminal gets it once, as the stderr line."""
+    log = logging.getLogger("metaopt")
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
+    for logger in (log, logging.getLogger()):
+        for handler in logger.handlers:
+            if isinstance(handler, logging.FileHandler):
+                handler.handle(record)
+
+
 def main() -> None:
-    _hydra_main()
+    from metaopt.cli_check import check_overrides
+
+    problem = check_overrides(sys.argv[1:])
+    if problem is not None:  # Hydra's own message for this is a screenful
+        print(f"metaopt: error: {problem}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        _hydra_main()
+    except KeyboardInterrupt:
+        print("metaopt: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

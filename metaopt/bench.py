@@ -32,6 +32,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
+from metaopt.cli_check import options, unknown_option
 from metaopt.config import config_dir
 from metaopt.optim import optimizer_state_bytes, requires_closure, set_mode
 from metaopt.train import _build
@@ -92,7 +93,31 @@ def all_optimizers() -> list[str]:
     """Every optimizer with a config whose class imports (peers only when installed)."""
     from metaopt.optim import REGISTRY
 
-    return sorted(p.stem for p in (config_dir() / "optimizer").glob("*.yaml") if p.stem in REGISTRY)
+    return [name for name in options("optimizer") if name in REGISTRY]
+
+
+def _names(value: str) -> list[str]:
+    """``"adam, sgd"`` → ``["adam", "sgd"]``."""
+    return [name.strip() for name in value.split(",")]
+
+
+def _check_names(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """An unknown optimizer, task or experiment name: argparse's one-line usage error (exit 2)
+    naming the flag, the name and the choices, instead of Hydra's MissingConfigException."""
+    checks: list[tuple[str, str, list[str]]] = []
+    if args.command == "steps":
+        if args.optimizers != "all":
+            checks.append(("--optimizers", "optimizer", _names(args.optimizers)))
+        checks.append(("--task", "task", _names(args.task)))
+    elif args.command == "loop":
+        checks += [("--optimizer", "optimizer", [args.optimizer]), ("--task", "task", [args.task])]
+    else:
+        checks.append(("--experiment", "experiment", [args.experiment]))
+    for flag, group, names in checks:
+        choices = options(group)
+        for name in names:
+            if name not in choices:
+                parser.error(unknown_option(flag, name, choices))
 
 
 def _task_extra(task: str, extra: list[str], scratch: Path) -> list[str]:
@@ -210,6 +235,7 @@ def main(argv: list[str] | None = None) -> None:
                        "steadier ratios on a shared machine")
         p.add_argument("overrides", nargs="*", help="extra config overrides, e.g. task.batch_size=256")
     args = parser.parse_args(argv)
+    _check_names(sub.choices[args.command], args)
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
@@ -218,8 +244,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"experiment={args.experiment}: {result['meta_step_s']:.3f} s per meta-step, "
               f"{result['meta_steps_per_s']:.2f} meta-steps/s over {args.steps} meta-steps")
     elif args.command == "steps":
-        names = all_optimizers() if args.optimizers == "all" else args.optimizers.split(",")
-        result = {t: bench_steps(t, names, args.steps, args.rounds, args.overrides) for t in args.task.split(",")}
+        names = all_optimizers() if args.optimizers == "all" else _names(args.optimizers)
+        result = {t: bench_steps(t, names, args.steps, args.rounds, args.overrides) for t in _names(args.task)}
         table = steps_table(result, f"Step cost relative to torch.optim.Adam(foreach=True): median over {args.rounds} "
                             f"interleaved rounds of {args.steps} steps [min–max], torch {torch.__version__}, "
                             f"{torch.get_num_threads()} thread(s), CPU. Command: `python -m metaopt.bench "

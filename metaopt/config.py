@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from metaopt.errors import ConfigError
+
+if TYPE_CHECKING:  # torch is imported where a device is resolved: config_dir() stays cheap
+    import torch
 
 _PROGRESS_CHOICES = ("auto", "bar", "lines", "none")
 
@@ -40,6 +43,8 @@ def config_dir() -> Path:
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` → CUDA when present, else CPU; otherwise the named device, which must exist."""
+    import torch
+
     valid = "auto, cpu, cuda, cuda:N, mps"
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

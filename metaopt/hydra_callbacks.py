@@ -146,6 +146,19 @@ class SweepManifest(Callback):
         _update(sweep_dir, entry)
 
 
+def job_interrupted(hydra: DictConfig) -> None:
+    """Record a sweep job stopped by Ctrl-C (``hydra``: the job's ``HydraConfig``).
+
+    Hydra calls no ``on_job_end`` for a KeyboardInterrupt, which would leave the job ``running`` in
+    the manifest. ``interrupted`` is not final: re-running the sweep resumes the job.
+    """
+    sweep_dir, num = Path(str(hydra.sweep.dir)).absolute(), int(hydra.job.num)
+    entry = _read_json(_entry_path(sweep_dir, num)) or {"num": num}
+    summary = _read_json(Path(str(hydra.runtime.output_dir)) / "summary.json") or {}
+    entry.update(status="interrupted", error=summary.get("error", "interrupted (Ctrl-C)"))
+    _update(sweep_dir, entry)
+
+
 def _job_location(config: DictConfig) -> tuple[Path, int]:
     return Path(str(config.hydra.sweep.dir)).absolute(), int(config.hydra.job.num)
 

@@ -12,6 +12,8 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -62,6 +64,36 @@ class Components:
 
     def __post_init__(self) -> None:
         self.num_params = sum(p.numel() for p in self.model.parameters())
+
+
+class CtrlC:
+    """Once installed, the first Ctrl-C asks the loop to stop at the next step boundary; the second stops at once.
+
+    A KeyboardInterrupt raised mid-step would leave model, optimizer and schedule out of step with
+    each other, so the loop only checkpoints where a step has finished. Installed only on the main
+    thread and over Python's default handler (a host program's own SIGINT handling is left alone).
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._installed = False
+
+    def install(self) -> None:
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            signal.signal(signal.SIGINT, self._on_signal)
+            self._installed = True
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        self._installed = False
+        log.warning("Ctrl-C: checkpointing at the end of this step, then stopping (Ctrl-C again stops at once)")
+
+    def remove(self) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            self._installed = False
 
 
 def _first_line(exc: BaseException) -> str:
@@ -152,6 +184,7 @@ def _hydra_run_info() -> dict[str, Any]:
         sweep = Path(hc.sweep.dir)
         info["group"] = f"{sweep.parent.name}_{sweep.name}"
         info["name"] = hc.job.override_dirname or f"job{hc.job.num}"
+        info["resume_with"] = f"hydra.sweep.dir={Path(hc.sweep.dir).absolute()}"
     return info
 
 
@@ -261,6 +294,10 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
         return float(_build(cfg.meta, "meta").run(cfg, run_dir))
     record = RunRecord(cfg, run_dir)
     if record.completed_objective is not None:
+        done = record.previous.get("target_steps")
+        if done is not None and int(done) != int(cfg.trainer.steps):
+            raise ConfigError(f"trainer.steps: {run_dir} holds a run completed at {done} steps, not "
+                              f"{int(cfg.trainer.steps)}; choose a new run directory")
         log.info("run in %s already completed; returning its result", run_dir)
         return record.completed_objective
 
@@ -277,15 +314,16 @@ class RunRecord:
 
     A directory whose run completed with the same config has ``completed_objective`` set (re-running
     returns it). Otherwise :meth:`run` executes the body; any exception is recorded as
-    ``status: failed`` with its first line in ``summary.json`` before it propagates, and the logger
-    is finished and the files closed whatever happens.
+    ``status: failed`` (``interrupted`` for Ctrl-C) with its first line in ``summary.json`` before it
+    propagates, and the logger is finished and the files closed whatever happens.
     """
 
     def __init__(self, cfg: DictConfig, run_dir: str | Path):
         self.files = RunFiles(run_dir)
         fp = fingerprint(cfg)
-        previous = self.files.read_summary()
-        done = previous and previous.get("status") == "completed" and previous.get("fingerprint") == fp
+        previous = self.files.read_summary() or {}
+        self.previous = previous
+        done = previous.get("status") == "completed" and previous.get("fingerprint") == fp
         self.completed_objective: float | None = float(previous["objective"]) if done else None
         self.summary: dict[str, Any] = {"status": "running", "run_dir": str(self.files.dir), "fingerprint": fp,
                                         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -296,7 +334,9 @@ class RunRecord:
             return body()
         except BaseException as exc:
             if self.summary["status"] == "running":
-                self.summary.update(status="failed", error=describe(exc))
+                interrupted = isinstance(exc, KeyboardInterrupt)
+                self.summary.update(status="interrupted" if interrupted else "failed",
+                                    error="interrupted (Ctrl-C)" if interrupted else describe(exc))
                 self.files.write_summary(self.summary)
             raise
         finally:
@@ -372,7 +412,9 @@ def _run(cfg: DictConfig, c: Components, files: RunFiles, logger: Logger, summar
     clock = time.perf_counter()  # st.elapsed is brought up to date at each record and checkpoint
     c.model.train()
     set_mode(c.optimizer, "train")
+    ctrl_c = CtrlC()
     try:
+        ctrl_c.install()
         while st.step < steps:
             batch = c.task.batch(st.step)
             if callback is not None:  # analysis time is kept off the training clock
@@ -401,7 +443,8 @@ def _run(cfg: DictConfig, c: Components, files: RunFiles, logger: Logger, summar
             st.loss_count += 1
 
             do_eval = st.step % eval_every == 0 or st.step == steps
-            do_checkpoint = (st.step % checkpoint_every == 0 or preemption.requested()) and st.step < steps
+            do_checkpoint = ((st.step % checkpoint_every == 0 or preemption.requested() or ctrl_c.requested)
+                             and st.step < steps)
             if not (do_eval or do_checkpoint or st.step % log_every == 0):
                 continue
             now = time.perf_counter()
@@ -432,8 +475,17 @@ def _run(cfg: DictConfig, c: Components, files: RunFiles, logger: Logger, summar
                 save_checkpoint()
                 if preemption.requested():  # SLURM's time-limit/preemption signal: resume from here
                     preemption.requeue(files, summary, logger)
+                if ctrl_c.requested:
+                    summary.update(status="interrupted", steps=st.step,
+                                   error=f"interrupted (Ctrl-C) at step {st.step}, checkpoint saved")
+                    files.write_summary(summary)
+                    log.warning("interrupted at step %d of %d; checkpoint saved: re-run the same command with "
+                                "%s to resume", st.step, steps,
+                                hydra_info.get("resume_with", f"hydra.run.dir={files.dir}"))
+                    raise KeyboardInterrupt
             clock = time.perf_counter()
     finally:
+        ctrl_c.remove()
         progress.close()
     if callback is not None:
         callback.on_end(c, files.dir)
@@ -458,8 +510,9 @@ def _run(cfg: DictConfig, c: Components, files: RunFiles, logger: Logger, summar
     summary["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     files.write_summary(summary)
     logger.summary({k: v for k, v in summary.items() if not isinstance(v, dict)} | summary.get("final", {}))
-    log.info("%s: %d steps in %.1fs, %s; results in %s (summary.json, metrics.jsonl, checkpoint.pt%s)",
-             summary["status"], st.step, st.elapsed,
+    written = [name for name in ("summary.json", "metrics.jsonl", "checkpoint.pt", "wandb/")
+               if (files.dir / name).exists()]
+    log.info("%s: %d steps in %.1fs, %s; results in %s (%s)", summary["status"], st.step, st.elapsed,
              " ".join(f"{k}={v:.4g}" for k, v in summary.get("final", {}).items() if isinstance(v, float)),
-             files.dir, ", wandb/" if (files.dir / "wandb").exists() else "")
+             files.dir, ", ".join(written))
     return float(summary["objective"])

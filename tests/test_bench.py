@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from metaopt.bench import BASELINE, all_optimizers, bench_steps, main, steps_table
 from metaopt.optim import REGISTRY
 
@@ -31,3 +33,19 @@ def test_cli_writes_markdown(tmp_path, capsys):
     text = out.read_text()
     assert "python -m metaopt.bench steps --task rosenbrock" in text and "| sgd |" in text
     assert "| sgd |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,flag,bad", [
+    (["steps", "--optimizers", "sgd,adamm"], "--optimizers", "adamm"),
+    (["steps", "--task", "rosenbrock,mnistt"], "--task", "mnistt"),
+    (["loop", "--optimizer", "sgdd"], "--optimizer", "sgdd"),
+])
+def test_unknown_name_is_a_usage_error_listing_the_choices(capsys, argv, flag, bad):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if ": error: " in line]
+    assert len(errors) == 1 and f"error: {flag}: no option {bad!r}" in errors[0]
+    assert "options: " in errors[0] and ("adam, " in errors[0] or "rosenbrock" in errors[0])
+    assert "Traceback" not in captured.err and captured.out == ""  # nothing built or timed

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from metaopt.cli_check import options
 
 TINY = ["trainer.steps=20", "trainer.eval_every=10", "trainer.log_every=5", "trainer.checkpoint_every=10"]
 
@@ -33,10 +36,11 @@ def test_single_run_prints_where_results_are(tmp_path, data_dir):
 
 
 def test_unknown_group_option_lists_the_choices(tmp_path, data_dir):
-    proc = metaopt("optimizer=adamm", cwd=tmp_path, data_dir=data_dir)
-    assert proc.returncode != 0
-    assert "Could not find 'optimizer/adamm'" in proc.stderr
-    assert "adam" in proc.stderr and "rmsprop" in proc.stderr
+    proc = metaopt("-m", "optimizer=adam,adamm", cwd=tmp_path, data_dir=data_dir)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        f"metaopt: error: optimizer: no option 'adamm' (did you mean 'adam'?); options: {', '.join(options('optimizer'))}"]
+    assert not (tmp_path / "multirun").exists() and not (tmp_path / "outputs").exists()
 
 
 @pytest.mark.parametrize("override,key", [("optimizer.lr=-1", "optimizer.lr"), ("device=tpu", "device"),
@@ -47,6 +51,7 @@ def test_bad_value_is_one_line_naming_the_key(tmp_path, data_dir, override, key)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("metaopt: error:")]
     assert len(errors) == 1 and errors[0].startswith(f"metaopt: error: {key}")
     assert "Traceback" not in proc.stderr
+    assert key not in proc.stdout  # once on the terminal; the run's metaopt.log keeps it too
 
 
 def test_resnet_without_data_offline_names_the_directory(tmp_path, data_dir):
@@ -77,3 +82,28 @@ def test_multirun_goes_on_past_a_diverged_and_a_failed_job(tmp_path, data_dir):
     statuses = {p.parent.name: json.loads(p.read_text())["status"]
                 for p in (tmp_path / "outputs" / "multirun").glob("*/*/*/summary.json")}
     assert statuses == {"0": "diverged", "1": "failed", "2": "completed"}, proc.stderr
+
+
+def test_ctrl_c_in_a_sweep_checkpoints_and_records_the_job_as_interrupted(tmp_path, data_dir):
+    env = {**os.environ, "WANDB_MODE": "offline", "METAOPT_DATA_DIR": data_dir}
+    sweep = tmp_path / "sweep"
+    proc = subprocess.Popen([sys.executable, "-m", "metaopt", "-m", "task=quadratic", "optimizer=adam,sgd",
+                             "trainer.steps=10000000", "trainer.checkpoint_every=10000000", "logger=none",
+                             f"hydra.sweep.dir={sweep}"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if "step " in line and "/10000000" in line:  # the loop is running: a progress line
+                break
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines() == ["metaopt: interrupted"]
+    summary = json.loads((sweep / "0" / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["steps"] > 0
+    assert f"hydra.sweep.dir={sweep}" in out
+    manifest = json.loads((sweep / "manifest.json").read_text())
+    assert [job["status"] for job in manifest["jobs"]] == ["interrupted", "pending"]
+    assert (sweep / "0" / "checkpoint.pt").exists() and not (sweep / "1").exists()

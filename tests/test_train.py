@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 
 import pytest
 import torch
@@ -84,12 +85,53 @@ def test_interrupted_then_resumed_equals_uninterrupted(make_cfg, tmp_path, monke
         without_timing(read_jsonl(tmp_path / "full" / "metrics.jsonl"))
 
 
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_checkpoints_at_the_next_step_and_the_rerun_resumes(make_cfg, tmp_path, monkeypatch, presses):
+    overrides = ("task=quadratic", "trainer.steps=30", "trainer.checkpoint_every=10", "trainer.log_every=3",
+                 "scheduler=cosine")
+    train(make_cfg(*overrides), run_dir=tmp_path / "full")
+    real_update = train_module.Progress.update
+    pressed = []
+
+    def ctrl_c_at_step_15(self, step, metrics):
+        real_update(self, step, metrics)
+        if step >= 15 and not pressed:
+            pressed.append(step)
+            for _ in range(presses):
+                signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(train_module.Progress, "update", ctrl_c_at_step_15)
+    with pytest.raises(KeyboardInterrupt):
+        train(make_cfg(*overrides), run_dir=tmp_path / "cut")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    summary = json.loads((tmp_path / "cut" / "summary.json").read_text())
+    checkpoint = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    assert summary["status"] == "interrupted"
+    # One press: the loop finishes step 16 and checkpoints there. Two: it stops at once, and the
+    # last periodic checkpoint (step 10) is what a rerun resumes from.
+    assert checkpoint["loop"]["step"] == (16 if presses == 1 else 10)
+    if presses == 1:
+        assert summary["steps"] == 16 and "step 16" in summary["error"]
+    monkeypatch.setattr(train_module.Progress, "update", real_update)
+    value = train(make_cfg(*overrides), run_dir=tmp_path / "cut")
+    full = json.loads((tmp_path / "full" / "summary.json").read_text())
+    assert value == full["objective"]
+    assert without_timing(read_jsonl(tmp_path / "cut" / "metrics.jsonl")) == \
+        without_timing(read_jsonl(tmp_path / "full" / "metrics.jsonl"))
+
+
 def test_rerun_of_completed_run_returns_its_result(make_cfg, tmp_path):
     cfg = make_cfg("task=rosenbrock")
     first = train(cfg, run_dir=tmp_path)
     before = (tmp_path / "metrics.jsonl").read_text()
     assert train(cfg, run_dir=tmp_path) == first
     assert (tmp_path / "metrics.jsonl").read_text() == before
+
+
+def test_rerun_of_completed_run_with_other_steps_is_refused(make_cfg, tmp_path):
+    train(make_cfg("task=rosenbrock", "trainer.steps=20"), run_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"^trainer.steps: .* completed at 20 steps, not 40"):
+        train(make_cfg("task=rosenbrock", "trainer.steps=40"), run_dir=tmp_path)
 
 
 def test_checkpoint_of_another_config_is_not_resumed(make_cfg, tmp_path):

@@ -166,6 +166,8 @@ def load_run(run_dir: Path) -> Run:
             problems.append("no summary.json or metrics.jsonl: the job never trained")
         elif summary.get("status") == "requeued":
             problems.append("requeued and not finished yet")
+        elif summary.get("status") == "interrupted":
+            problems.append(f"{summary.get('error') or 'interrupted'}: re-run the sweep to resume")
         else:
             problems.append("no final summary: still running, or killed")
     return Run(dir=run_dir, task_name=str(task_name), optimizer=str(optimizer),

@@ -1,0 +1,83 @@
+"""``metaopt.cli_check``: a one-line error for a misspelled config-group option, before Hydra runs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from metaopt.cli_check import check_overrides, options, selectable_groups
+
+
+@pytest.mark.parametrize("arg,group,bad", [
+    ("optimizer=adamm", "optimizer", "adamm"),
+    ("task=mnistt", "task", "mnistt"),
+    ("scheduler=cosin", "scheduler", "cosin"),
+    ("logger=wandbb", "logger", "wandbb"),
+    ("meta=pess", "meta", "pess"),
+    ("analysis=line", "analysis", "line"),
+    ("experiment=pal_mnist", "experiment", "pal_mnist"),
+    ("+experiment=pal_mnist", "experiment", "pal_mnist"),
+    ("++optimizer=adamm", "optimizer", "adamm"),
+])
+def test_misspelled_option_is_one_line_naming_group_value_and_choices(arg, group, bad):
+    message = check_overrides(["trainer.steps=10", arg])
+    assert message is not None and "\n" not in message
+    assert message.startswith(f"{group}: no option {bad!r}")
+    assert message.endswith("options: " + ", ".join(options(group)))
+
+
+def test_suggestion_is_the_closest_option_and_absent_when_none_is_close():
+    assert check_overrides(["optimizer=adamm"]).startswith(
+        "optimizer: no option 'adamm' (did you mean 'adam'?); options: adam, adamw, ")
+    assert "(did you mean 'mnist1d'?)" in check_overrides(["task=mnist"])
+    assert check_overrides(["optimizer=zzzz"]).startswith("optimizer: no option 'zzzz'; options: adam, ")
+
+
+@pytest.mark.parametrize("argv,start", [
+    (["-m", "optimizer=adam,pal,lodoo"], "optimizer: no option 'lodoo' (did you mean 'lodo'?)"),
+    (["-m", "optimizer=adam, lodoo , pal"], "optimizer: no option 'lodoo' (did you mean 'lodo'?)"),
+    (["-m", "task=rosenbrock", "optimizer=adam,sgd", "scheduler=cosine,stepp"],
+     "scheduler: no option 'stepp' (did you mean 'step'?)"),
+])
+def test_one_bad_entry_in_a_sweep_list(argv, start):
+    message = check_overrides(argv)
+    assert message is not None and message.startswith(start)
+
+
+@pytest.mark.parametrize("argv", [
+    [],
+    ["task=two_moons", "optimizer=sgd", "optimizer.lr=0.05", "trainer.steps=3000"],
+    ["-m", "optimizer=adam,sgd,pal", "seed=0,1,2"],
+    ["-m", "optimizer=adam, sgd , pal"],
+    ["+experiment=lopt_linreg"], ["experiment=pal_mnist1d"], ["++experiment=bench_small"],
+    ["meta=null", "analysis=null", "experiment=null", "logger=NULL"],
+    ["meta=pes", "task=linreg", "optimizer=learned_rnn", "analysis=line_shape", "logger=none"],
+    ["optimizer.lr=1e-3", "task.data_dir=/data", "+optimizer.foo=1", "optimizer.adamm=3"],
+    ["hydra/launcher=slurm", "hydra/sweeper=suite", "hydra.job.chdir=true", "hydra/launcher=nosuch"],
+    ["~analysis", "~meta=none"],
+    ["-m", "--help", "-h", "--cfg", "job", "--info", "--multirun"],
+    ["optimizer=glob(*)", "task=choice(quadratic,nosuch)", "optimizer=[adam,nosuch]", "task='x y'",
+     "optimizer=${oc.env:OPT}", "scheduler=cos*"],
+    ["optimizer=adamm", "--config-dir=/elsewhere"],  # another tree: Hydra judges
+    ["optimizer=adamm", "-cn", "other"],
+    ["pal_compare=nosuch", "report=nosuch", "seed=3", "device=cpu", "nosuch=1"],  # not selectable groups
+    ["optimizer@meta.inner=adam"],
+])
+def test_valid_or_unjudged_arguments_give_none(argv):
+    assert check_overrides(argv) is None
+
+
+def test_groups_are_the_defaults_list_top_level_groups():
+    groups = selectable_groups()
+    assert {"task", "optimizer", "scheduler", "logger", "meta", "analysis", "experiment"} <= set(groups)
+    assert not {"report", "pal_compare"} & set(groups) and not any(g.startswith("hydra") for g in groups)
+    assert {"adam", "pal", "lodo", "sgd"} <= set(options("optimizer")) and "mnist1d" in options("task")
+
+
+def test_importing_it_imports_neither_torch_nor_hydra():
+    probe = ("import sys; from metaopt.cli_check import check_overrides; check_overrides(['optimizer=adamm']);"
+             "print('torch' in sys.modules, 'hydra' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
