@@ -34,7 +34,7 @@ TARGETS = {"defaults": {"metric": "val/loss", "mode": "min"},
            "tasks": {"alpha": {"target": 0.5}, "beta": {"metric": "val/loss", "target": 1.0}}}
 
 
-def fake_run(run_dir, task, optimizer, lr, seed, vals, status="completed", error=None, scheduler=None):
+def fake_run(run_dir, task, optimizer, lr, seed, vals, status="completed", error=None, scheduler=None, meta=None):
     """A run dir as train() and Hydra leave it; ``vals`` are val/loss at steps 10, 20, ... ."""
     run_dir.mkdir(parents=True)
     (run_dir / ".hydra").mkdir()
@@ -46,9 +46,12 @@ def fake_run(run_dir, task, optimizer, lr, seed, vals, status="completed", error
         config["scheduler"] = {"_target_": f"metaopt.schedules.{scheduler[0]}", **scheduler[1]}
         (run_dir / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(
             {"hydra": {"runtime": {"choices": {"task": task, "optimizer": optimizer, "scheduler": scheduler[0]}}}}))
+    if meta is not None:
+        config["meta"] = {"_target_": "metaopt.outer.OuterTrainer", "steps": 5}
     (run_dir / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
     (run_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(
-        [f"task={task}", f"optimizer={optimizer}", f"optimizer.lr={lr}", f"seed={seed}"]))
+        [f"task={task}", f"optimizer={optimizer}", f"optimizer.lr={lr}", f"seed={seed}"]
+        + ([f"meta={meta}"] if meta is not None else [])))
     dt, passes = COST[optimizer]
     lines = []
     for i, v in enumerate(vals):
@@ -208,6 +211,16 @@ def test_missing_jobs_and_auto_target(tmp_path):
     analysis = analyse(loaded.runs, TargetsFile(auto_slack=0.5))
     assert analysis.targets["alpha"] == Target("val/loss", "min", pytest.approx(0.6), "auto")
     assert analysis.chosen()[0].to_target("steps") == 30
+
+
+def test_meta_training_runs_are_not_judged_by_the_task_target(tmp_path):
+    # A meta-training run's val/loss is a held-out normalised loss: not comparable with the task's.
+    fake_run(tmp_path / "0", "alpha", "adam", 0.01, 0, [2, 1, .6, .4])
+    fake_run(tmp_path / "1", "alpha", "adam", 0.01, 0, [.9, .8, .7, .6], meta="pes")
+    runs = load_sweeps([tmp_path]).runs
+    assert sorted(r.task_name for r in runs) == ["alpha", "alpha_meta-pes"]
+    analysis = analyse(runs, TargetsFile(tasks={"alpha": {"target": 0.5}}))
+    assert analysis.targets["alpha"].value == 0.5 and analysis.targets["alpha_meta-pes"].value != 0.5
 
 
 def test_cli_on_real_runs(make_cfg, tmp_path, capsys):

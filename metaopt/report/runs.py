@@ -151,6 +151,12 @@ def load_run(run_dir: Path) -> Run:
             choices.setdefault(key, value)
     summary = summary or {}
     task_name = choices.get("task") or _class_name((config.get("task") or {}).get("_target_") or summary.get("task"))
+    meta_node = config.get("meta")
+    meta = (choices.get("meta") or _class_name(meta_node.get("_target_"))) if isinstance(meta_node, dict) else None
+    if meta is not None:
+        # Meta-training: val/loss is the held-out mean normalised loss of the learned optimizer, not
+        # the task's loss, so it gets a row (and target) of its own.
+        task_name = f"{task_name}_meta-{meta}"
     optimizer = choices.get("optimizer") or _class_name(
         (config.get("optimizer") or {}).get("_target_") or summary.get("optimizer"))
     seed = config.get("seed", summary.get("seed"))
