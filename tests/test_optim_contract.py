@@ -142,6 +142,22 @@ def test_param_group_lr_is_honoured(spec):
     assert not torch.equal(moving.detach(), torch.ones(3))
 
 
+@pytest.mark.parametrize("spec", SPECS, ids=ids)
+def test_a_rejected_param_group_is_not_kept(spec):
+    """add_param_group that raises leaves param_groups as they were (torch appends before checking)."""
+    x = torch.ones(3, requires_grad=True)
+    opt = spec.cls([x], **spec.kwargs)
+    candidates = [dict(bad) for bad, _ in spec.invalid] + [{}]  # {}: refused where groups are unsupported
+    for bad in candidates:
+        try:
+            opt.add_param_group({"params": [torch.ones(2, requires_grad=True)], **bad})
+        except ValueError:
+            assert len(opt.param_groups) == 1, f"rejected group {bad} was kept"
+        else:
+            del opt.param_groups[1:]
+    run(spec, [x], lambda p: quadratic(p[0]), 2, opt=opt)
+
+
 @pytest.mark.parametrize("spec", [s for s in SPECS if not s.supports_param_groups], ids=lambda s: s.name)
 def test_unsupported_param_groups_are_rejected(spec):
     groups = [{"params": [torch.zeros(2, requires_grad=True)]}, {"params": [torch.zeros(2, requires_grad=True)]}]

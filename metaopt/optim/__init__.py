@@ -42,14 +42,16 @@ register("greedy_adam", GreedyAdam, kwargs={"lr": 5e-2},
 
 register("pal", PAL, kwargs={"measuring_step": 0.1, "max_step": 1.0}, needs_closure=True,
          invalid=(({"measuring_step": -1.0}, "measuring_step"), ({"max_step": 0.0}, "max_step"),
-                  ({"direction_decay": 1.5}, "direction_decay"), ({"update_factor": 0.0}, "update_factor")))
+                  ({"direction_decay": 1.5}, "direction_decay"), ({"update_factor": 0.0}, "update_factor"),
+                  ({"measuring_step": float("inf")}, "measuring_step")))
 
 # seed fixed: two LODO instances built in a row must share permutations for the group tests.
 register("lodo", LODO, kwargs={"lr": 0.03, "seed": 0},
          invalid=(({"lr": -1.0}, "lr"), ({"meta_lr": -1.0}, "meta_lr"), ({"beta": 1.0}, "beta"),
                   ({"n_layers": 0}, "n_layers"), ({"block_size": 0}, "block_size"),
                   ({"hidden_factor": 0.5}, "hidden_factor"), ({"preconditioner": "dense"}, "preconditioner"),
-                  ({"meta_optimizer": "rmsprop"}, "meta_optimizer"), ({"seed": -1}, "seed")))
+                  ({"meta_optimizer": "rmsprop"}, "meta_optimizer"), ({"seed": -1}, "seed"),
+                  ({"hidden_factor": float("inf")}, "hidden_factor"), ({"lr": float("inf")}, "lr")))
 # The paper's ablations (each has a conf/optimizer file); small networks keep the suite fast.
 register("lodo_diagonal", LODO, kwargs={"lr": 0.03, "seed": 0, "preconditioner": "diagonal"},
          invalid=(({"lr": -1.0}, "lr"),))

@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 from metaopt.greedy.problems import geometric_tail, momentum_learning_rate, optimal_momentum
-from metaopt.optim.utils import flat_views, shared_hyperparameters
+from metaopt.optim.utils import flat_views, rejected_group_removed, shared_hyperparameters
 
 __all__ = ["GreedyAdam", "GreedySGD", "energy_matched_factor", "greedy_adam_update", "greedy_sgd_update"]
 
@@ -168,13 +168,14 @@ class _GreedyMomentum(torch.optim.Optimizer):
         _validate_greedy(hp)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
         # The layout of the statistics and the per-step lists change with the parameters.
         self._checked_glob = self._step_cache = None
-        self._validate(self.param_groups[-1])
-        shared_hyperparameters(self.param_groups, _GREEDY_KEYS + getattr(self, "_shared_keys", ()),
-                               "the statistics and the momentum solve span all groups, so it must be "
-                               "equal in every group")
+        with rejected_group_removed(self):
+            super().add_param_group(param_group)
+            self._validate(self.param_groups[-1])
+            shared_hyperparameters(self.param_groups, _GREEDY_KEYS + getattr(self, "_shared_keys", ()),
+                                   "the statistics and the momentum solve span all groups, so it must be "
+                                   "equal in every group")
 
     # ---- state ----------------------------------------------------------------------------
 

@@ -24,7 +24,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from metaopt.optim.utils import optimizer_state_bytes, shared_hyperparameters
+from metaopt.optim.utils import (
+    optimizer_state_bytes,
+    rejected_group_removed,
+    shared_hyperparameters,
+)
 
 __all__ = [
     "LODO",
@@ -245,14 +249,14 @@ def _validate(hp: dict[str, Any]) -> None:
         if not ok:
             raise ValueError(f"Invalid {name}: {hp[name]!r} (must be {rule})")
 
-    check("lr", _is_real(hp["lr"]) and hp["lr"] >= 0, "a number >= 0")
-    check("meta_lr", _is_real(hp["meta_lr"]) and hp["meta_lr"] >= 0, "a number >= 0")
+    check("lr", _is_real(hp["lr"]) and 0 <= hp["lr"] < math.inf, "a finite number >= 0")
+    check("meta_lr", _is_real(hp["meta_lr"]) and 0 <= hp["meta_lr"] < math.inf, "a finite number >= 0")
     check("beta", _is_real(hp["beta"]) and 0 <= hp["beta"] < 1, "in [0, 1)")
     check("n_layers", _is_int(hp["n_layers"]) and hp["n_layers"] >= 1, "an integer >= 1")
     check("block_size", _is_int(hp["block_size"]) and hp["block_size"] >= 1, "an integer >= 1")
     # h < n would make G singular from the start: part of the space could never move.
-    check("hidden_factor", _is_real(hp["hidden_factor"]) and hp["hidden_factor"] >= 1,
-          "a number >= 1")
+    check("hidden_factor", _is_real(hp["hidden_factor"]) and 1 <= hp["hidden_factor"] < math.inf,
+          "a finite number >= 1")
     check("preconditioner", hp["preconditioner"] in PRECONDITIONERS,
           f"one of {', '.join(PRECONDITIONERS)}")
     check("meta_optimizer", hp["meta_optimizer"] in META_OPTIMIZERS,
@@ -366,6 +370,9 @@ class LODO(torch.optim.Optimizer):
       hypergradient accounts for it. Parameters whose ``.grad`` is None are neither moved nor
       contribute to the meta-gradient (their gradient counts as zero) in that step.
     * Non-finite gradients are not filtered: like Adam's moments, φ would then become NaN.
+    * The meta-optimizer is ``torch.optim.Adam`` (ε = 1e-8 added after bias correction); the
+      reference uses Keras' Adam (ε = 1e-7 added to the uncorrected √v, about 3e-6 at its first
+      step). The two differ only when meta-gradients are that small; the effect is not measured.
     * The diagonal ablation is unconstrained ``diag(φ)``, as in the reference code, so it is not
       guaranteed to stay positive semi-definite. (The reference's "global" ablation is wired to
       the diagonal class; it is not offered here.)
@@ -408,9 +415,10 @@ class LODO(torch.optim.Optimizer):
         if getattr(self, "_built", False):
             raise ValueError("LODO sizes its preconditioner for all parameters at the first step "
                              "(or load_state_dict); add parameter groups before that")
-        super().add_param_group(param_group)
-        _validate(self.param_groups[-1])
-        self._shared()
+        with rejected_group_removed(self):
+            super().add_param_group(param_group)
+            _validate(self.param_groups[-1])
+            self._shared()
 
     def _shared(self) -> dict[str, Any]:
         return shared_hyperparameters(self.param_groups, _SHARED,

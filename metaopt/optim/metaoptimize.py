@@ -33,7 +33,7 @@ from metaopt.optim._metaoptimize_foreach import (
     zeros_state,
 )
 from metaopt.optim.pal import _RNGSnapshot
-from metaopt.optim.utils import shared_hyperparameters
+from metaopt.optim.utils import rejected_group_removed, shared_hyperparameters
 
 __all__ = ["BASES", "BASE_UPDATES", "FULL_BASES", "METAS", "MetaOptimize", "MetaOptimizeFull", "VARIANTS",
            "meta_update"]
@@ -590,12 +590,13 @@ class MetaOptimize(torch.optim.Optimizer):
     # ---- parameter groups and blocks ------------------------------------------------------
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        group.update(_resolve(group))
-        self._check_groups_agree()
-        if getattr(self, "_ready", False):
-            self._check_layout()
+        with rejected_group_removed(self):
+            super().add_param_group(param_group)
+            group = self.param_groups[-1]
+            group.update(_resolve(group))
+            self._check_groups_agree()
+            if getattr(self, "_ready", False):
+                self._check_layout()
 
     def _check_groups_agree(self) -> Hyper:
         if len(self.param_groups) > 1:

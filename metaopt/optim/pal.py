@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from metaopt.optim.utils import shared_hyperparameters
+from metaopt.optim.utils import rejected_group_removed, shared_hyperparameters
 
 __all__ = ["PAL", "pal_curvature", "pal_step_size"]
 
@@ -74,11 +74,13 @@ def _validate(hp: dict[str, Any]) -> None:
         if not ok:
             raise ValueError(f"Invalid {name}: {hp[name]!r} (must be {rule})")
 
-    check("measuring_step", _is_real(hp["measuring_step"]) and hp["measuring_step"] > 0, "> 0")
-    check("max_step", _is_real(hp["max_step"]) and hp["max_step"] > 0, "> 0")
+    check("measuring_step", _is_real(hp["measuring_step"]) and 0 < hp["measuring_step"] < math.inf,
+          "finite and > 0")
+    check("max_step", _is_real(hp["max_step"]) and hp["max_step"] > 0, "> 0 (inf: no cap)")
     check("direction_decay", _is_real(hp["direction_decay"]) and 0 <= hp["direction_decay"] < 1,
           "in [0, 1)")
-    check("update_factor", _is_real(hp["update_factor"]) and hp["update_factor"] > 0, "> 0")
+    check("update_factor", _is_real(hp["update_factor"]) and 0 < hp["update_factor"] < math.inf,
+          "finite and > 0")
     check("exact_slope", isinstance(hp["exact_slope"], bool), "a bool")
 
 
@@ -206,7 +208,12 @@ class PAL(torch.optim.Optimizer):
       θ at the measuring point). A non-finite ``l0``, ``b`` or ``‖d‖`` skips the measuring
       forward; ``‖d‖ = 0`` skips it too (case ``"no_descent"``);
     * parameters whose ``.grad`` is None after the first call are left out of this step's line
-      (neither moved nor their direction decayed), as torch.optim optimizers skip them.
+      (neither moved nor their direction decayed), as torch.optim optimizers skip them;
+    * ``p.grad`` keeps the gradient at θ (the reference overwrites it with the direction buffer),
+      so gradient norms logged after ``step`` are the loss's;
+    * only torch's generators are rewound for the measuring forward (the reference reseeds
+      NumPy's): a closure that draws from NumPy or ``random`` sees other draws on that call;
+    * ``direction_decay`` must lie in [0, 1) (the reference accepts any β ≥ 0).
 
     Memory: one direction buffer per parameter, plus a transient copy of θ during ``step`` so that
     a skipped step restores θ exactly.
@@ -235,10 +242,10 @@ class PAL(torch.optim.Optimizer):
         self._last: dict[str, Any] = {}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        _validate(group)
-        self._check_groups_agree()
+        with rejected_group_removed(self):
+            super().add_param_group(param_group)
+            _validate(self.param_groups[-1])
+            self._check_groups_agree()
 
     def _check_groups_agree(self) -> dict[str, Any]:
         return shared_hyperparameters(self.param_groups, _HYPERPARAMETERS,

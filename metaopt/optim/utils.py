@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -38,6 +39,21 @@ def shared_hyperparameters(param_groups: list[dict[str, Any]], names: Iterable[s
                 raise ValueError(f"Invalid {name}: {group[name]!r} in parameter group {i} differs from "
                                  f"{first[name]!r} in group 0 ({reason})")
     return {name: first[name] for name in names}
+
+
+@contextmanager
+def rejected_group_removed(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Around ``add_param_group`` plus its checks: a group that fails them is taken out again.
+
+    ``torch.optim.Optimizer.add_param_group`` appends before an optimizer can check a group against
+    the others; a ValueError that left the group in place would let the next ``step`` use it.
+    """
+    count = len(optimizer.param_groups)
+    try:
+        yield
+    except BaseException:
+        del optimizer.param_groups[count:]
+        raise
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
