@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import io
 import pickle
 import tarfile
@@ -81,6 +82,18 @@ def test_failed_download_is_a_one_line_data_error(tmp_path, monkeypatch):
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     with pytest.raises(DataNotFoundError, match=r"^task\.download: could not download"):
         small_resnet(tmp_path, download=True)
+
+
+def test_download_cut_off_mid_stream_is_a_one_line_data_error(tmp_path):
+    class CutOff(io.BytesIO):
+        def read(self, *args):
+            if self.tell():
+                raise http.client.IncompleteRead(b"", 100)
+            return super().read(*args)
+
+    with pytest.raises(DataNotFoundError, match=r"could not download .*IncompleteRead"):
+        download_cifar10(tmp_path, opener=lambda url: CutOff(b"x" * 10))
+    assert not list(tmp_path.glob("*.part"))
 
 
 def test_download_extracts_a_verified_archive(tmp_path):

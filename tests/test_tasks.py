@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 import random
 from pathlib import Path
 
@@ -355,6 +356,9 @@ def test_mnist1d_standard_split_and_cache(tmp_path, monkeypatch):
     assert task.data["test"][0].shape == (1000, 40)
     cached = list((tmp_path / "mnist1d").glob("mnist1d_*.pt"))
     assert len(cached) == 1
+    umask = os.umask(0)
+    os.umask(umask)
+    assert cached[0].stat().st_mode & 0o777 == 0o666 & ~umask  # as open() makes it: shareable
     assert not [p for p in (tmp_path / "mnist1d").iterdir() if p.suffix == ".tmp"]
 
     def no_generation(args):

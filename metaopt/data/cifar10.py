@@ -13,6 +13,7 @@ CIFAR-10 can be tested offline.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import io
 import os
 import pickle
@@ -158,7 +159,9 @@ def download_cifar10(
         try:
             with opener(url) as response, open(part, "wb") as out:
                 shutil.copyfileobj(response, out, length=1 << 20)
-        except OSError as e:  # urllib's URLError and socket timeouts are OSErrors
+        # urllib's URLError and socket timeouts are OSErrors; a connection closed early mid-body
+        # raises http.client.IncompleteRead, an HTTPException.
+        except (OSError, http.client.HTTPException) as e:
             part.unlink(missing_ok=True)
             raise DataNotFoundError(
                 f"could not download CIFAR-10 from {url} ({e}); place the python-version pickles in {folder}"
