@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -63,12 +62,19 @@ class WandbLogger(Logger):
         os.environ.pop("WANDB_SERVICE", None)
         import wandb
 
-        self._run = wandb.init(
-            project=self.project, entity=self.entity, group=self.group or group, tags=self.tags,
-            notes=self.notes, name=name, id=run_id, resume="allow", dir=str(run_dir), config=config,
-            mode=self.mode, reinit="finish_previous",
-            settings=wandb.Settings(init_timeout=self.init_timeout, console="off", silent=True),
-        )
+        try:
+            self._run = wandb.init(
+                project=self.project, entity=self.entity, group=self.group or group, tags=self.tags,
+                notes=self.notes, name=name, id=run_id, resume="allow", dir=str(run_dir), config=config,
+                mode=self.mode, reinit="finish_previous",
+                settings=wandb.Settings(init_timeout=self.init_timeout, console="off", silent=True),
+            )
+        except Exception as exc:
+            if self.mode != "online":
+                raise
+            raise RuntimeError(f"{describe(exc)}; W&B could not be reached within logger.init_timeout="
+                               f"{self.init_timeout:g}s: logger.mode=offline keeps the run in the run dir "
+                               "(upload it later with wandb sync)") from exc
 
     def log(self, metrics, step) -> None:
         self._run.log(metrics, step=step)
@@ -93,17 +99,16 @@ class SafeLogger(Logger):
             return
         try:
             getattr(self.inner, method)(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - a logger must never kill training
+        # SystemExit too: a library's sys.exit (wandb's on some service errors) must not end training.
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - a logger must never kill training
             name = type(self.inner).__name__
-            message = f"{name}.{method} failed ({describe(exc)}); " \
-                      "continuing without this logger (metrics.jsonl and summary.json are unaffected)"
-            warnings.warn(message, RuntimeWarning, stacklevel=2)
-            log.warning(message)
+            log.warning("%s.%s failed (%s); continuing without this logger (metrics.jsonl and summary.json "
+                        "are unaffected)", name, method, describe(exc))
             inner, self.inner = self.inner, None
             if method != "finish":
                 try:
                     inner.finish("failed")
-                except Exception:  # noqa: BLE001
+                except (Exception, SystemExit):  # noqa: BLE001
                     pass
 
     def start(self, **kwargs: Any) -> None:

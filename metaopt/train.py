@@ -66,34 +66,53 @@ class Components:
         self.num_params = sum(p.numel() for p in self.model.parameters())
 
 
-class CtrlC:
-    """Once installed, the first Ctrl-C asks the loop to stop at the next step boundary; the second stops at once.
+class GracefulStop:
+    """Once installed, Ctrl-C (SIGINT) or SIGTERM asks the loop to stop at the next step boundary.
 
     A KeyboardInterrupt raised mid-step would leave model, optimizer and schedule out of step with
-    each other, so the loop only checkpoints where a step has finished. Installed only on the main
-    thread and over Python's default handler (a host program's own SIGINT handling is left alone).
+    each other, and a plain SIGTERM would lose what the logger had not flushed; so the loop
+    checkpoints where a step has finished, finishes the logger and stops. A second signal stops at
+    once. Installed only on the main thread and only over the default handlers: a host program's
+    (or submitit's) own handling is left alone.
     """
 
+    _DEFAULTS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+
     def __init__(self) -> None:
-        self.requested = False
-        self._installed = False
+        self.signal_name: str | None = None
+        self._installed: list[signal.Signals] = []
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
 
     def install(self) -> None:
-        if (threading.current_thread() is threading.main_thread()
-                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
-            signal.signal(signal.SIGINT, self._on_signal)
-            self._installed = True
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum, default in self._DEFAULTS.items():
+            if signal.getsignal(signum) is default:
+                signal.signal(signum, self._on_signal)
+                self._installed.append(signum)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        self.requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        self._installed = False
-        log.warning("Ctrl-C: checkpointing at the end of this step, then stopping (Ctrl-C again stops at once)")
+        self.signal_name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        self.remove()
+        log.warning("%s: checkpointing at the end of this step, then stopping (a second one stops at once)",
+                    self.signal_name)
 
     def remove(self) -> None:
-        if self._installed:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            self._installed = False
+        while self._installed:
+            signum = self._installed.pop()
+            signal.signal(signum, self._DEFAULTS[signum])
+
+    def stop(self, files: RunFiles, summary: dict[str, Any], step: int, total: int, resume_with: str) -> None:
+        """After the checkpoint at ``step``: record the run as interrupted and raise KeyboardInterrupt."""
+        summary.update(status="interrupted", steps=step,
+                       error=f"interrupted ({self.signal_name}) at step {step}, checkpoint saved")
+        files.write_summary(summary)
+        log.warning("interrupted at step %d of %d; checkpoint saved: re-run the same command with %s to resume",
+                    step, total, resume_with)
+        raise KeyboardInterrupt
 
 
 def _first_line(exc: BaseException) -> str:
@@ -169,6 +188,11 @@ def fingerprint(cfg: DictConfig) -> str:
     sections = {k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg.get(k), DictConfig)
                 else cfg.get(k) for k in _FINGERPRINT_KEYS}
     return hashlib.sha256(json.dumps(sections, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def resume_with(hydra_info: dict[str, Any], files: RunFiles) -> str:
+    """The override that resumes this run: its sweep dir in a multirun, else its run dir."""
+    return hydra_info.get("resume_with", f"hydra.run.dir={files.dir}")
 
 
 def _hydra_run_info() -> dict[str, Any]:
@@ -412,9 +436,9 @@ def _run(cfg: DictConfig, c: Components, files: RunFiles, logger: Logger, summar
     clock = time.perf_counter()  # st.elapsed is brought up to date at each record and checkpoint
     c.model.train()
     set_mode(c.optimizer, "train")
-    ctrl_c = CtrlC()
+    stop = GracefulStop()
     try:
-        ctrl_c.install()
+        stop.install()
         while st.step < steps:
             batch = c.task.batch(st.step)
             if callback is not None:  # analysis time is kept off the training clock
@@ -443,7 +467,7 @@ def _run(cfg: DictConfig, c: Components, files: RunFiles, logger: Logger, summar
             st.loss_count += 1
 
             do_eval = st.step % eval_every == 0 or st.step == steps
-            do_checkpoint = ((st.step % checkpoint_every == 0 or preemption.requested() or ctrl_c.requested)
+            do_checkpoint = ((st.step % checkpoint_every == 0 or preemption.requested() or stop.requested)
                              and st.step < steps)
             if not (do_eval or do_checkpoint or st.step % log_every == 0):
                 continue
@@ -475,17 +499,11 @@ def _run(cfg: DictConfig, c: Components, files: RunFiles, logger: Logger, summar
                 save_checkpoint()
                 if preemption.requested():  # SLURM's time-limit/preemption signal: resume from here
                     preemption.requeue(files, summary, logger)
-                if ctrl_c.requested:
-                    summary.update(status="interrupted", steps=st.step,
-                                   error=f"interrupted (Ctrl-C) at step {st.step}, checkpoint saved")
-                    files.write_summary(summary)
-                    log.warning("interrupted at step %d of %d; checkpoint saved: re-run the same command with "
-                                "%s to resume", st.step, steps,
-                                hydra_info.get("resume_with", f"hydra.run.dir={files.dir}"))
-                    raise KeyboardInterrupt
+                if stop.requested:
+                    stop.stop(files, summary, st.step, steps, resume_with(hydra_info, files))
             clock = time.perf_counter()
     finally:
-        ctrl_c.remove()
+        stop.remove()
         progress.close()
     if callback is not None:
         callback.on_end(c, files.dir)

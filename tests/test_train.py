@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import math
 import signal
+import warnings
 
 import pytest
 import torch
 
 import metaopt.train as train_module
 from metaopt.errors import ConfigError, DataNotFoundError
+from metaopt.loggers import WandbLogger
 from metaopt.train import train
 
 TIMING_KEYS = {"time"}
@@ -85,8 +87,8 @@ def test_interrupted_then_resumed_equals_uninterrupted(make_cfg, tmp_path, monke
         without_timing(read_jsonl(tmp_path / "full" / "metrics.jsonl"))
 
 
-@pytest.mark.parametrize("presses", [1, 2])
-def test_ctrl_c_checkpoints_at_the_next_step_and_the_rerun_resumes(make_cfg, tmp_path, monkeypatch, presses):
+@pytest.mark.parametrize("signals", [["SIGINT"], ["SIGINT", "SIGINT"], ["SIGTERM"]])
+def test_ctrl_c_checkpoints_at_the_next_step_and_the_rerun_resumes(make_cfg, tmp_path, monkeypatch, signals):
     overrides = ("task=quadratic", "trainer.steps=30", "trainer.checkpoint_every=10", "trainer.log_every=3",
                  "scheduler=cosine")
     train(make_cfg(*overrides), run_dir=tmp_path / "full")
@@ -97,13 +99,15 @@ def test_ctrl_c_checkpoints_at_the_next_step_and_the_rerun_resumes(make_cfg, tmp
         real_update(self, step, metrics)
         if step >= 15 and not pressed:
             pressed.append(step)
-            for _ in range(presses):
-                signal.raise_signal(signal.SIGINT)
+            for name in signals:
+                signal.raise_signal(getattr(signal, name))
 
     monkeypatch.setattr(train_module.Progress, "update", ctrl_c_at_step_15)
     with pytest.raises(KeyboardInterrupt):
         train(make_cfg(*overrides), run_dir=tmp_path / "cut")
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    presses = len(signals)
     summary = json.loads((tmp_path / "cut" / "summary.json").read_text())
     checkpoint = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
     assert summary["status"] == "interrupted"
@@ -112,6 +116,7 @@ def test_ctrl_c_checkpoints_at_the_next_step_and_the_rerun_resumes(make_cfg, tmp
     assert checkpoint["loop"]["step"] == (16 if presses == 1 else 10)
     if presses == 1:
         assert summary["steps"] == 16 and "step 16" in summary["error"]
+        assert ("Ctrl-C" if signals == ["SIGINT"] else "SIGTERM") in summary["error"]
     monkeypatch.setattr(train_module.Progress, "update", real_update)
     value = train(make_cfg(*overrides), run_dir=tmp_path / "cut")
     full = json.loads((tmp_path / "full" / "summary.json").read_text())
@@ -232,9 +237,21 @@ def test_wandb_offline_run_lands_in_run_dir(make_cfg, tmp_path):
     assert runs[0].name.endswith(run_id)
 
 
-def test_failing_logger_warns_once_and_training_continues(make_cfg, tmp_path):
-    with pytest.warns(RuntimeWarning, match="continuing without this logger"):
+def test_failing_logger_warns_once_and_training_continues(make_cfg, tmp_path, caplog):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one log line, not a Python warning on top of it
         value = train(make_cfg("task=rosenbrock", "logger=wandb", "logger.mode=bogus"), run_dir=tmp_path)
+    assert math.isfinite(value)
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "completed"
+    assert len([r for r in caplog.records if "continuing without this logger" in r.message]) == 1
+
+
+def test_logger_that_exits_does_not_end_training(make_cfg, tmp_path, monkeypatch):
+    def exits(self, metrics, step):
+        raise SystemExit(1)
+
+    monkeypatch.setattr(WandbLogger, "log", exits)
+    value = train(make_cfg("task=rosenbrock", "logger=wandb"), run_dir=tmp_path)
     assert math.isfinite(value)
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "completed"
 

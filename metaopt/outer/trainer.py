@@ -214,6 +214,8 @@ class MetaTrainer:
 
     def _run(self, cfg: DictConfig, lopt: LearnedOptimizer, family: TaskFamily, files: RunFiles, logger: Logger,
              summary: dict[str, Any], info: dict[str, Any]) -> float:
+        from metaopt.train import GracefulStop, resume_with
+
         seed = int(cfg.seed)
         ctx = MetaContext(lopt, family, self.tasks_per_step, self.horizon, self.unroll, self.cap, seed)
         params = list(lopt.parameters())
@@ -273,7 +275,9 @@ class MetaTrainer:
 
         progress = Progress(str(cfg.trainer.get("progress", "auto")), self.steps, loop["step"])
         clock = time.perf_counter()
+        stop = GracefulStop()
         try:
+            stop.install()
             while loop["step"] < self.steps:
                 step_start = time.perf_counter()
                 grads, metrics, est_state = self.estimator.estimate(ctx, est_state, loop["step"])
@@ -298,7 +302,8 @@ class MetaTrainer:
                     loop["loss_count"] += 1
                 step = loop["step"]
                 do_eval = (self.eval_every and step % self.eval_every == 0) or step == self.steps
-                do_ckpt = (step % self.checkpoint_every == 0 or preemption.requested()) and step < self.steps
+                do_ckpt = ((step % self.checkpoint_every == 0 or preemption.requested() or stop.requested)
+                           and step < self.steps)
                 if not (do_eval or do_ckpt or step % self.log_every == 0):
                     continue
                 now = time.perf_counter()
@@ -321,9 +326,12 @@ class MetaTrainer:
                 if do_ckpt:
                     save()
                     if preemption.requested():  # SLURM's time-limit/preemption signal: resume from here
-                        preemption.requeue(files, summary)
+                        preemption.requeue(files, summary, logger)
+                    if stop.requested:
+                        stop.stop(files, summary, step, self.steps, resume_with(info, files))
                 clock = time.perf_counter()
         finally:
+            stop.remove()
             progress.close()
         result = loop["last_eval"] if loop["last_eval"] is not None else meta_eval()
         self._write_outputs(files, result, baselines)
