@@ -142,7 +142,7 @@ def analyze(path: str | Path, out_dir: str | Path | None = None, *, tasks: int =
     x0 = encode(torch.zeros((), dtype=h0.dtype))
     result: dict[str, Any] = {"checkpoint": str(lopt_path(path)), "optimizer": type(lopt).__name__,
                               "config": lopt.config(), "curvature": [mu, big_l], "dim": dim,
-                              "steps": steps, "tasks": tasks}
+                              "steps": steps, "tasks": tasks, "idle": bool(lopt.is_idle())}
 
     from metaopt.progress import Progress
 
@@ -213,7 +213,8 @@ def analyze(path: str | Path, out_dir: str | Path | None = None, *, tasks: int =
     ax2.legend(fontsize=8)
     _save(fig, out / "linearization.png")
     total_alpha = sum(m.alpha for m in modes)
-    dominant = max(modes, key=lambda m: abs(m.alpha))
+    # A mode's share of the steady update to a constant gradient is α/(1 − β), not α alone.
+    dominant = max(modes, key=lambda m: abs(m.alpha) / max(1.0 - m.beta, 1e-12))
     result["linearization"] = {
         "modes": [m.to_dict() for m in modes], "sum_alpha": total_alpha,
         "dominant_mode": dominant.to_dict(), "optimal_heavy_ball": {"alpha": a_opt, "beta": b_opt},
@@ -262,7 +263,7 @@ def analyze(path: str | Path, out_dir: str | Path | None = None, *, tasks: int =
                     title="signSGD-like part of the update")
     _save(fig, out / "schedule.png")
     lr = sched.lr
-    peak = int(torch.argmax(lr))
+    peak = int(torch.argmax(lr.abs()))  # the largest step, whatever its sign
     result["schedule"] = {**sched.to_dict(), "peak_step": peak + 1, "peak_lr": float(lr[peak]),
                           "first_lr": float(lr[0]), "last_lr": float(lr[-1]),
                           "first_sign_step": float(sched.sign_step[0]),
@@ -302,6 +303,9 @@ def analyze(path: str | Path, out_dir: str | Path | None = None, *, tasks: int =
 def _findings(r: dict[str, Any]) -> list[str]:
     """One sentence per mechanism, from the numbers (thresholds are deliberately loose)."""
     f = []
+    if r.get("idle"):
+        f.append("idle: the readout is zero (never meta-trained), so every update is 0 and the "
+                 "findings below describe an optimizer that does nothing")
     lin = r["linearization"]
     dom, opt = lin["dominant_mode"], lin["optimal_heavy_ball"]
     lr_star = r["linearization"]["effective_lr_at_fixed_point"]
@@ -324,8 +328,11 @@ def _findings(r: dict[str, Any]) -> list[str]:
         else:
             f.append(f"no clipping at {name.replace('_', ' ')} within |g| ≤ {r['update_function']['g_range']:.4g}")
     s = r["schedule"]
-    first, peak, last = s["first_lr"], s["peak_lr"], s["last_lr"]
-    if peak > 1.05 * first and peak > 1.05 * last:
+    # The shape is that of the step size |lr|; a negative lr (a step up the gradient) is said apart.
+    first, peak, last = abs(s["first_lr"]), abs(s["peak_lr"]), abs(s["last_lr"])
+    if min(s["lr"]) < 0 < max(s["lr"]):
+        shape = "changes sign"
+    elif peak > 1.05 * first and peak > 1.05 * last:
         shape = "warm-up then decay"
     elif peak > 1.05 * first:
         shape = "warm-up to a plateau"
@@ -333,18 +340,29 @@ def _findings(r: dict[str, Any]) -> list[str]:
         shape = "decay"
     else:
         shape = "constant"
-    f.append(f"schedule: {shape} (lr {s['first_lr']:.4g} at step 1, peak {s['peak_lr']:.4g} at step "
-             f"{s['peak_step']}, {s['last_lr']:.4g} at step {len(s['lr'])})")
+    negative = " of a negative lr (steps up the gradient)" if max(s["lr"]) < 0 else ""
+    f.append(f"schedule: {shape}{negative} (lr {s['first_lr']:.4g} at step 1, largest {s['peak_lr']:.4g} at "
+             f"step {s['peak_step']}, {s['last_lr']:.4g} at step {len(s['lr'])})")
     if abs(s["first_sign_step"]) > 1e-8:
         f.append(f"sign-step schedule: {s['first_sign_step']:.4g} at step 1 → {s['last_sign_step']:.4g} "
                  f"at step {len(s['lr'])}")
     a = r["adaptation"]
+    g_max = max(abs(g) for g in a["g"])
+    thresholds = [c["threshold"] for c in r["update_function"]["clipping"].values() if c["threshold"] is not None]
     for side in ("positive", "negative"):
         ratio = a[f"ratio_{side}"]
         if ratio is None or not math.isfinite(ratio):
             continue
+        if ratio < 0:
+            f.append(f"adaptation ({side} g): the learning rate at the fixed points changes sign between the "
+                     f"smallest and the largest |g| (×{ratio:.3g}): not a step size that adapts")
+            continue
         kind = "falls with |g| (RMSProp-like adaptation)" if ratio < 0.9 else \
             ("rises with |g|" if ratio > 1.1 else "about constant (no adaptation)")
+        if ratio < 0.9 and thresholds and min(thresholds) < g_max:
+            # A clipped update is flatter at large |g| too: this curve alone cannot tell them apart.
+            kind += (f", or the clipping at |g| ≈ {min(thresholds):.3g}, which this range (|g| ≤ {g_max:.3g}) "
+                     "reaches")
         f.append(f"adaptation ({side} g): the learning rate at the fixed points {kind}: ×{ratio:.3g} "
                  "from the smallest to the largest |g|")
     return f

@@ -247,6 +247,15 @@ def test_cli_writes_every_figure(tmp_path):
     assert dom["beta"] == pytest.approx(0.9, abs=1e-4) and dom["alpha"] == pytest.approx(0.1, rel=1e-4)
     assert data["schedule"]["lr"] == pytest.approx([0.1] * 15, rel=1e-5)
     assert "momentum" in (out / "summary.md").read_text()
+    # Its falling learning rate at large constant |g| is the tanh clipping, which the finding names.
+    adaptation = [line for line in data["findings"] if line.startswith("adaptation")]
+    assert adaptation and all("or the clipping at |g| ≈ 0.5" in line for line in adaptation)
+
+    from metaopt.analyze import _findings
+
+    flipped = {**data, "schedule": {**data["schedule"], "lr": [-v for v in data["schedule"]["lr"]],
+                                    "first_lr": -0.1, "peak_lr": -0.1, "last_lr": -0.1}}
+    assert "schedule: constant of a negative lr" in "\n".join(_findings(flipped))
 
 
 def test_cli_reads_the_runs_task_settings(tmp_path):
@@ -260,6 +269,7 @@ def test_cli_reads_the_runs_task_settings(tmp_path):
     assert r["curvature"] == [0.01, 4.0] and r["dim"] == 3 and len(r["schedule"]["lr"]) == 7
     assert r["linearization"]["optimal_heavy_ball"]["beta"] == pytest.approx((1.9 / 2.1) ** 2)
     assert r["linearization"]["sum_alpha"] == 0  # an idle optimizer has no momentum
+    assert r["idle"] and r["findings"][0].startswith("idle: the readout is zero")
 
 
 def test_cli_rejects_non_recurrent_and_missing(tmp_path, capsys):
@@ -270,3 +280,6 @@ def test_cli_rejects_non_recurrent_and_missing(tmp_path, capsys):
     assert "not a recurrent learned optimizer" in capsys.readouterr().err
     assert main([str(tmp_path / "nothing"), "--progress", "none"]) == 2
     assert "no learned-optimizer weights" in capsys.readouterr().err
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    assert main([str(tmp_path / "metrics.jsonl"), "--progress", "none"]) == 2
+    assert "is not a learned-optimizer file" in capsys.readouterr().err

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import abc
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -158,7 +159,11 @@ def read_lopt(path: str | os.PathLike) -> dict[str, Any]:
     if not file.is_file():
         raise ValueError(f"checkpoint: no learned-optimizer weights at {file} (expected a lopt.pt "
                          "written by meta-training, or the run directory holding it)")
-    data = torch.load(file, map_location="cpu", weights_only=True)
+    try:
+        data = torch.load(file, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as exc:  # a text file, a torn write, ...
+        raise ValueError(f"checkpoint: {file} is not a learned-optimizer file ({_FORMAT}): "
+                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     if not isinstance(data, dict) or data.get("format") != _FORMAT:
         raise ValueError(f"checkpoint: {file} is not a learned-optimizer file ({_FORMAT}); "
                          "a training checkpoint.pt holds no meta-trained weights")
