@@ -379,6 +379,9 @@ class LoopState:
     loss_count: int = 0
     best_val: float = math.inf
     last_val: dict[str, float] = field(default_factory=dict)
+    # Step and clock at the first record: the step time leaves out the first steps' warm-up.
+    warm_step: int = 0
+    warm_elapsed: float = 0.0
 
     def state_dict(self) -> dict[str, Any]:
         return {**vars(self), "passes": vars(self.passes)}
@@ -474,6 +477,8 @@ def _run(cfg: DictConfig, c: Components, files: RunFiles, logger: Logger, summar
             now = time.perf_counter()
             st.elapsed += now - clock
             if do_eval or st.step % log_every == 0:
+                if not st.warm_step:
+                    st.warm_step, st.warm_elapsed = st.step, st.elapsed
                 record = {"step": st.step, "time": st.elapsed, "passes/forward": st.passes.forward,
                           "passes/backward": st.passes.backward,
                           "train/loss": (loss_sum / st.loss_count).item()}
@@ -509,7 +514,8 @@ def _run(cfg: DictConfig, c: Components, files: RunFiles, logger: Logger, summar
         callback.on_end(c, files.dir)
     summary.update(steps=st.step, wall_time=st.elapsed, passes=vars(st.passes),
                    optimizer_state_bytes=optimizer_state_bytes(c.optimizer),
-                   step_time_mean=st.elapsed / max(st.step, 1))
+                   step_time_mean=(st.elapsed - st.warm_elapsed) / (st.step - st.warm_step) if st.step > st.warm_step
+                   else st.elapsed / max(st.step, 1))
     summary["optimizer_state_bytes_per_param"] = summary["optimizer_state_bytes"] / max(c.num_params, 1)
     if diverged:
         summary.update(status="diverged", diverged_at=st.step, objective=math.inf,

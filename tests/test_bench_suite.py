@@ -85,7 +85,7 @@ def test_bench_small_gives_every_optimizer_the_same_number_of_points():
             continue
         target = OmegaConf.load(config_dir() / "optimizer" / f"{name}.yaml")["_target_"]
         assert get_class(target) in registered, name  # so the contract suite covers its class
-    assert len(jobs) == len(sweeper.tasks) * (len(sweeper.optimizers) - len(skipped)) * 4
+    assert len(jobs) == len(sweeper.tasks) * (len(sweeper.optimizers) - len(skipped)) * 6
 
 
 class _TwoMode(torch.optim.SGD):
@@ -144,14 +144,14 @@ def test_small_suite_sweep_runs_every_point_and_reports_it(tmp_path, data_dir):
                    f"hydra.sweep.dir={sweep}", cwd=tmp_path, data_dir=data_dir, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summaries = [json.loads(p.read_text()) for p in sweep.glob("*/summary.json")]
-    assert len(summaries) == 2 * 3 * 4 * 2 == len((sweep / "suite_jobs.txt").read_text().splitlines())
+    assert len(summaries) == 2 * 3 * 6 * 2 == len((sweep / "suite_jobs.txt").read_text().splitlines())
     from metaopt.report.__main__ import main as report
 
     report([str(sweep)])
     table = (sweep / "report" / "table.csv").read_text()
     for opt in ("adam", "sgd", "lbfgs"):
         assert f",{opt}," in table
-    assert "(best of 4)" in (sweep / "report" / "report.md").read_text()
+    assert "(best of 6)" in (sweep / "report" / "report.md").read_text()
     assert Path(sys.executable).exists()
 
 

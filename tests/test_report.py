@@ -213,6 +213,20 @@ def test_missing_jobs_and_auto_target(tmp_path):
     assert analysis.chosen()[0].to_target("steps") == 30
 
 
+def test_a_choice_at_the_end_of_its_grid_is_flagged(tmp_path):
+    for num, (lr, vals) in enumerate([(0.001, [3, 2, 1.5, 1.2]), (0.01, [2, 1, .6, .4]), (0.1, [1, .3, .2, .1])]):
+        fake_run(tmp_path / str(num), "alpha", "adam", lr, 0, vals)
+    for num, (lr, vals) in enumerate([(0.001, [3, 2, 1.5, 1.2]), (0.01, [1, .3, .2, .1]), (0.1, [2, 1, .6, .4])]):
+        fake_run(tmp_path / str(10 + num), "alpha", "sgd", lr, 0, vals)
+    analysis = analyse(load_sweeps([tmp_path]).runs, TargetsFile(tasks={"alpha": {"target": 0.5}}))
+    chosen = {s.optimizer: s for s in analysis.chosen()}
+    assert chosen["adam"].edges == {"optimizer.lr": "highest"} and chosen["sgd"].edges == {}
+    assert any(n.startswith("alpha / adam: the chosen optimizer.lr=0.1 is the highest of its grid (0.001 … 0.1)")
+               for n in analysis.notes)
+    build_report([tmp_path], tmp_path / "report", html=False)
+    assert "— grid edge: highest lr" in (tmp_path / "report" / "report.md").read_text()
+
+
 def test_meta_training_runs_are_not_judged_by_the_task_target(tmp_path):
     # A meta-training run's val/loss is a held-out normalised loss: not comparable with the task's.
     fake_run(tmp_path / "0", "alpha", "adam", 0.01, 0, [2, 1, .6, .4])

@@ -36,6 +36,8 @@ def test_run_leaves_plain_files(make_cfg, tmp_path):
     assert summary["steps"] == 20 and summary["passes"] == {"forward": 20, "backward": 20}
     assert summary["optimizer_state_bytes"] > 0 and summary["num_params"] > 0
     assert [r["step"] for r in records] == [5, 10, 15, 20]
+    # The mean step time leaves out the steps before the first record (warm-up).
+    assert summary["step_time_mean"] == pytest.approx((records[-1]["time"] - records[0]["time"]) / 15)
     assert "val/loss" in records[1] and "val/loss" not in records[0]
     assert all(math.isfinite(r["train/loss"]) for r in records)
     assert (tmp_path / "checkpoint.pt").exists()

@@ -140,6 +140,9 @@ class Setting:
     incomplete: list[Run]
     numbers: list[RunNumbers] = field(default_factory=list)
     chosen: bool = False
+    # For a chosen setting: swept hyperparameter -> "lowest" | "highest" where its value is at the
+    # end of the grid, so the best value may lie outside what was tried.
+    edges: dict[str, str] = field(default_factory=dict)
 
     @property
     def n_runs(self) -> int:
@@ -210,6 +213,20 @@ def _selection_key(s: Setting, target: Target) -> tuple[float, int, float]:
     return (median, s.count("diverged") + s.count("failed"), target.badness(best[0]) if best else math.inf)
 
 
+def grid_edges(chosen: Setting, group: list[Setting]) -> dict[str, str]:
+    """The numeric hyperparameters, swept over three or more values, whose chosen value is an end."""
+    edges = {}
+    for key, value in chosen.params.items():
+        values = {s.params.get(key) for s in group}
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values) or len(values) < 3:
+            continue
+        if value == min(values):
+            edges[key] = "lowest"
+        elif value == max(values):
+            edges[key] = "highest"
+    return edges
+
+
 def analyse(runs: list[Run], targets_file: TargetsFile) -> Analysis:
     notes: list[str] = []
     groups: dict[tuple[str, str, str], list[Run]] = defaultdict(list)
@@ -251,6 +268,11 @@ def analyse(runs: list[Run], targets_file: TargetsFile) -> Analysis:
         counted = [s for s in group if s.runs] or group
         best = min(counted, key=lambda s: _selection_key(s, targets[task]))
         best.chosen = True
+        best.edges = grid_edges(best, group)
+        for key, side in best.edges.items():
+            values = sorted({s.params[key] for s in group})
+            notes.append(f"{task} / {optimizer}: the chosen {key}={best.params[key]:g} is the {side} of its grid "
+                         f"({values[0]:g} … {values[-1]:g}); the best value may lie beyond it")
         if not any(s.runs for s in group):
             notes.append(f"{task} / {optimizer}: no run has finished yet; the row is empty")
         elif not any(s.count("completed") for s in group):

@@ -59,6 +59,8 @@ def main_rows(a: Analysis) -> list[list[str]]:
     for s in sorted(a.chosen(), key=lambda s: (s.task, s.optimizer)):
         n_settings = len(a.for_method(s.task, s.optimizer))
         chosen = _setting_name(s) + (f" (best of {n_settings})" if n_settings > 1 else "")
+        if s.edges:
+            chosen += " — grid edge: " + ", ".join(f"{side} {key.rsplit('.', 1)[-1]}" for key, side in s.edges.items())
         runs = str(s.n_runs) + (f" (+{len(s.incomplete)} unfinished)" if s.incomplete else "")
         step_time = s.step_time()
         rows.append([s.task, s.optimizer, chosen, runs, spread(s.final()), spread(s.best()), spread(s.test()),
@@ -222,7 +224,12 @@ def page_blocks(a: Analysis, sweep: Sweep, profiles: dict[str, Profile], figures
     blocks.append(("h2", "Results"))
     blocks.append(("p", "Per task × optimizer, the setting chosen on validation (best median final validation "
                    "metric; a failed run counts as the worst value). Values over seeds: median [min–max]. "
-                   "Time is training time (evaluation excluded); passes are forward + backward passes. "
+                   "Time is training time (evaluation excluded), read from each run's own clock: jobs that "
+                   "shared the machine slowed each other, so time and step time are noisy (a cheap step can "
+                   "read slower than a costly one); `python -m metaopt.bench steps` measures step cost "
+                   "interleaved. Passes are forward + backward passes; steps and passes are exact. "
+                   "— grid edge: the chosen value is the lowest or highest tried, so the best may lie beyond "
+                   "the grid. "
                    "To target: median over seeds, a seed that never reached counting as ∞ (— = the median "
                    "did not reach); resolution is `trainer.eval_every`. `test` is the chosen setting's test "
                    "metric, never used for selection."))
