@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import sys
 
 import hydra
@@ -29,11 +30,24 @@ def _hydra_main(cfg: DictConfig) -> float:
         raise
     except MetaoptError as exc:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
+            # A config error is this job's result, not a crash: recorded as failed (summary.json,
+            # then manifest.json) and listed when the sweep ends, without Hydra's traceback.
             logging.getLogger("metaopt").error("job failed: %s", exc)
-            raise  # the launcher records this job as failed and the sweep goes on
+            _record_failure(HydraConfig.get().runtime.output_dir, exc)
+            return math.inf
         _log_to_files(str(exc))
         print(f"metaopt: error: {exc}", file=sys.stderr)
         sys.exit(2)
+
+
+def _record_failure(run_dir: str, exc: BaseException) -> None:
+    from metaopt.errors import describe
+    from metaopt.runfiles import RunFiles
+
+    files = RunFiles(run_dir)
+    summary = files.read_summary() or {}
+    if summary.get("status") != "failed":  # raised before the run record existed
+        files.write_summary({**summary, "status": "failed", "error": describe(exc)})
 
 
 def _log_to_files(message: str) -> None:
@@ -58,6 +72,12 @@ def main() -> None:
     except KeyboardInterrupt:
         print("metaopt: interrupted", file=sys.stderr)
         sys.exit(130)
+    from metaopt.hydra_callbacks import failed_sweeps
+
+    for failed, total, sweep_dir in failed_sweeps:  # each job's error is in the log lines above
+        print(f"metaopt: {failed} of {total} jobs failed; see {sweep_dir}/manifest.json", file=sys.stderr)
+    if failed_sweeps:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

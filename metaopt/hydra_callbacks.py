@@ -41,6 +41,9 @@ MANIFEST = "manifest.json"
 _ENTRIES = ".manifest"  # one file per job under the sweep dir; manifest.json is merged from them
 # Statuses a run's summary.json ends with; anything else may still change.
 FINAL = ("completed", "diverged", "failed")
+# (failed jobs, jobs, sweep dir) of each sweep this process ran to its end with failures: the
+# command's exit status (python -m metaopt -m ...) is 1 then.
+failed_sweeps: list[tuple[int, int, str]] = []
 # sacct states of a job that will not run again.
 _SLURM_ENDED = ("BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL",
                 "OUT_OF_MEMORY", "PREEMPTED", "TIMEOUT")
@@ -69,6 +72,14 @@ class ClusterJob(Callback):
         # sbatch hands the submitting environment to the jobs; a W&B service address in it belongs
         # to whatever process started this one and is no use (or harm) to a job.
         os.environ.pop("WANDB_SERVICE", None)
+        timeout_min = OmegaConf.select(config, "hydra.launcher.timeout_min", default=None)
+        delay = OmegaConf.select(config, "hydra.launcher.signal_delay_s", default=None)
+        if timeout_min is not None and delay is not None and delay + 30 >= 60 * timeout_min:
+            # slurmctld checks limits every 30 s: the warning would come as each attempt starts.
+            log.warning("hydra.launcher.timeout_min=%s leaves no time before SLURM's warning signal "
+                        "(signal_delay_s=%s, checked every 30 s): every attempt would be signalled as it "
+                        "starts and requeued until max_num_timeout; use timeout_min > %d", timeout_min, delay,
+                        (delay + 30) // 60 + 1)
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         os.environ.pop("WANDB_SERVICE", None)
@@ -100,7 +111,9 @@ class SweepManifest(Callback):
         atexit.register(_settle_all, sweep_dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        _settle_all(Path(str(config.hydra.sweep.dir)).absolute())
+        sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()
+        _settle_all(sweep_dir)
+        _list_failures(sweep_dir)
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not _multirun(config):
@@ -248,6 +261,20 @@ def _merge(sweep_dir: Path) -> dict[str, Any]:
                     "jobs": [jobs[num] for num in sorted(jobs)]}
         _write_json(sweep_dir / MANIFEST, manifest)
     return manifest
+
+
+def _list_failures(sweep_dir: Path) -> None:
+    """Log every failed job of the sweep, one line each, and note the sweep in ``failed_sweeps``."""
+    manifest = _read_json(sweep_dir / MANIFEST) or {}
+    jobs = manifest.get("jobs") or []
+    failed = [job for job in jobs if job.get("status") == "failed"]
+    if not failed:
+        return
+    lines = [f"job {job['num']} ({' '.join(job.get('overrides') or [])}): {job.get('error', 'failed')}"
+             for job in failed]
+    log.error("%d of %d jobs failed (python launch/collect.py %s lists every job):\n  %s", len(failed), len(jobs),
+              sweep_dir, "\n  ".join(lines[:50]) + (f"\n  ... and {len(lines) - 50} more" if len(lines) > 50 else ""))
+    failed_sweeps.append((len(failed), len(jobs), str(sweep_dir)))
 
 
 def _settle_all(sweep_dir: Path) -> None:

@@ -82,6 +82,10 @@ def test_multirun_goes_on_past_a_diverged_and_a_failed_job(tmp_path, data_dir):
     statuses = {p.parent.name: json.loads(p.read_text())["status"]
                 for p in (tmp_path / "outputs" / "multirun").glob("*/*/*/summary.json")}
     assert statuses == {"0": "diverged", "1": "failed", "2": "completed"}, proc.stderr
+    # Every job ran; the failed one is listed at the end and sets the exit status, without a traceback.
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines()[-1].startswith("metaopt: 1 of 3 jobs failed; see ")
+    assert "job 1 (task=rosenbrock optimizer=sgd optimizer.lr=-1" in proc.stdout + proc.stderr
 
 
 def test_ctrl_c_in_a_sweep_checkpoints_and_records_the_job_as_interrupted(tmp_path, data_dir):

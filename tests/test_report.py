@@ -227,6 +227,19 @@ def test_a_choice_at_the_end_of_its_grid_is_flagged(tmp_path):
     assert "— grid edge: highest lr" in (tmp_path / "report" / "report.md").read_text()
 
 
+def test_a_job_the_manifest_settled_as_failed_is_failed_in_the_report(tmp_path):
+    # scancel'd mid-run: summary.json still says running; the sweep's manifest knows better.
+    fake_run(tmp_path / "0", "alpha", "adam", 0.01, 0, [2, 1, .6, .4])
+    fake_run(tmp_path / "1", "alpha", "adam", 0.01, 1, [2, 1], status="running")
+    reason = "the job ended in SLURM state CANCELLED by 0 without writing a result"
+    (tmp_path / "manifest.json").write_text(json.dumps({"jobs": [
+        {"num": 0, "run_dir": str(tmp_path / "0"), "status": "completed"},
+        {"num": 1, "run_dir": str(tmp_path / "1"), "status": "failed", "error": reason}]}))
+    runs = {r.dir.name: r for r in load_sweeps([tmp_path]).runs}
+    assert runs["0"].status == "completed"
+    assert runs["1"].status == "failed" and runs["1"].error == reason and not runs["1"].problems
+
+
 def test_meta_training_runs_are_not_judged_by_the_task_target(tmp_path):
     # A meta-training run's val/loss is a held-out normalised loss: not comparable with the task's.
     fake_run(tmp_path / "0", "alpha", "adam", 0.01, 0, [2, 1, .6, .4])

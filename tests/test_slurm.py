@@ -200,7 +200,8 @@ def test_failed_job_is_recorded_and_the_rest_of_the_array_completes(slurm, data_
     proc = _start_sweep("task=rosenbrock", "optimizer=sgd", "optimizer.lr=-1,0.001", *TINY, "logger=none",
                         cwd=tmp_path, env=_sweep_env(slurm, data_dir))
     rc, log, sweep_dir = _finish(proc, tmp_path, timeout=150)
-    assert rc != 0  # Hydra reports the failed job after all of them have run
+    assert rc == 1  # the failed job is listed after all of them have run
+    assert "1 of 2 jobs failed" in log and "Traceback" not in log
 
     failed, completed = _manifest(sweep_dir)["jobs"]
     assert completed["status"] == "completed" and completed["slurm_job_id"].endswith("_1")
@@ -374,3 +375,14 @@ def test_meta_training_run_requeues_at_its_next_meta_step_and_resumes_identicall
                       for r in _read_jsonl(tmp_path / d / "metrics.jsonl")] for d in ("full", "cut"))
     assert resumed == full and [r["step"] for r in resumed] == list(range(1, 7))
     assert json.loads((tmp_path / "cut" / "summary.json").read_text())["status"] == "completed"
+
+
+@pytest.mark.parametrize("timeout_min,warned", [(1, True), (2, False)])
+def test_a_time_limit_inside_the_signal_delay_is_warned_about(caplog, timeout_min, warned):
+    from omegaconf import OmegaConf
+
+    from metaopt.hydra_callbacks import ClusterJob
+
+    config = OmegaConf.create({"hydra": {"launcher": {"timeout_min": timeout_min, "signal_delay_s": 60}}})
+    ClusterJob().on_multirun_start(config)
+    assert any("leaves no time before SLURM's warning signal" in r.message for r in caplog.records) == warned

@@ -294,5 +294,25 @@ def load_sweeps(paths: list[str | os.PathLike]) -> Sweep:
             if absent:
                 shown = ", ".join(map(str, absent[:20])) + (" …" if len(absent) > 20 else "")
                 missing.append(f"{sweep_dir}: no run dir for job(s) {shown} (of {planned} planned)")
+    _settled_by_manifests(runs, roots)
     name_settings(runs)
     return Sweep(runs=runs, missing=missing, roots=roots)
+
+
+def _settled_by_manifests(runs: list[Run], roots: list[Path]) -> None:
+    """A job its sweep's manifest.json calls failed (cancelled, killed, out of requeues: it never
+    wrote a final summary) is failed here too, with the manifest's reason."""
+    entries: dict[Path, dict[str, Any]] = {}
+    for root in roots:
+        for manifest in root.rglob("manifest.json") if root.is_dir() else ():
+            try:
+                jobs = json.loads(manifest.read_text()).get("jobs") or []
+            except (OSError, json.JSONDecodeError):
+                continue
+            entries.update({Path(job["run_dir"]).resolve(): job for job in jobs if job.get("run_dir")})
+    for run in runs:
+        entry = entries.get(run.dir.resolve())
+        if run.status == INCOMPLETE and entry is not None and entry.get("status") == "failed":
+            run.status = "failed"
+            run.summary = {**run.summary, "error": entry.get("error") or "failed (manifest.json)"}
+            run.problems = [p for p in run.problems if not p.startswith("no final summary")]
