@@ -54,7 +54,7 @@ def main(argv: list[str]) -> None:
         "",
         notes,
         "",
-        "## bench_small: six CPU tasks × every optimizer × 4 tuning points × 3 seeds",
+        "## bench_small: six CPU tasks × every optimizer × 6 tuning points × 3 seeds",
         "",
         "`python -m metaopt -m experiment=bench_small` then `python -m metaopt.report <sweep dir>` "
         f"({wall}; two single-threaded workers). Full report: [bench_small/report.md](results/bench_small/report.md) "

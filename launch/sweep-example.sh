@@ -20,6 +20,7 @@ export METAOPT_DATA_DIR="${METAOPT_DATA_DIR:-$HOME/.cache/metaopt}"
 # For live runs set WANDB_MODE=online (compute nodes need network access and `wandb login`).
 export WANDB_MODE="${WANDB_MODE:-offline}"
 
+status=0  # a sweep with failed jobs exits 1 after listing them; collect.py still shows every job
 python -m metaopt -m \
   hydra/launcher=slurm \
   hydra.launcher.account="$ACCOUNT" \
@@ -32,6 +33,7 @@ python -m metaopt -m \
   hydra.sweep.dir="$SWEEP_DIR" \
   logger=wandb \
   task=mnist1d_cnn optimizer=adam,pal,sgd seed=0,1,2 \
-  "$@"
+  "$@" || status=$?
 
 python "$(dirname "$0")/collect.py" "$SWEEP_DIR"
+exit "$status"

@@ -46,7 +46,9 @@ def _record_failure(run_dir: str, exc: BaseException) -> None:
 
     files = RunFiles(run_dir)
     summary = files.read_summary() or {}
-    if summary.get("status") != "failed":  # raised before the run record existed
+    # Raised before the run record existed. A recorded result (a completed run asked for other
+    # trainer.steps) is kept: the error refused the new request, not that result.
+    if summary.get("status") in (None, "running"):
         files.write_summary({**summary, "status": "failed", "error": describe(exc)})
 
 

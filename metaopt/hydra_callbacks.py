@@ -78,7 +78,7 @@ class ClusterJob(Callback):
             # slurmctld checks limits every 30 s: the warning would come as each attempt starts.
             log.warning("hydra.launcher.timeout_min=%s leaves no time before SLURM's warning signal "
                         "(signal_delay_s=%s, checked every 30 s): every attempt would be signalled as it "
-                        "starts and requeued until max_num_timeout; use timeout_min > %d", timeout_min, delay,
+                        "starts and requeued until max_num_timeout; use timeout_min >= %d", timeout_min, delay,
                         (delay + 30) // 60 + 1)
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -113,7 +113,10 @@ class SweepManifest(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()
         _settle_all(sweep_dir)
-        _list_failures(sweep_dir)
+        # A benchmark suite's failed job is one of its results (the report counts it): listed, but
+        # the command still succeeds, so scripts go on to the report.
+        suite = "SuiteSweeper" in str(OmegaConf.select(config, "hydra.sweeper._target_", default=""))
+        _list_failures(sweep_dir, exit_status=not suite)
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not _multirun(config):
@@ -142,34 +145,36 @@ class SweepManifest(Callback):
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if not _multirun(config):
             return
-        sweep_dir, num = _job_location(config)
-        entry = _read_json(_entry_path(sweep_dir, num)) or {"num": num}
-        summary = _read_json(Path(str(config.hydra.runtime.output_dir)) / "summary.json") or {}
-        status = summary.get("status")
-        if status not in FINAL:  # the task failed before the loop wrote a summary, or never trained
-            status = "completed" if job_return.status == JobStatus.COMPLETED else "failed"
-        entry.update(status=status, finished_at=_now())
-        error = summary.get("error")
-        if error is None and job_return.status == JobStatus.FAILED:
-            error = describe(job_return._return_value)
-        if error is not None:
-            entry["error"] = error
-        if "objective" in summary:
-            entry["objective"] = summary["objective"]
-        _update(sweep_dir, entry)
+        failed = job_return.status == JobStatus.FAILED
+        _end_entry(config.hydra, "failed" if failed else "completed",
+                   describe(job_return._return_value) if failed else None)
+
+
+def _end_entry(hydra: DictConfig, fallback: str, error: str | None, final: tuple[str, ...] = FINAL) -> None:
+    """Write a job's end into its manifest entry: the status its summary.json ends with when that is
+    one of ``final``, else ``fallback`` (the task failed before the loop wrote a summary, or never
+    trained); the summary's error, else ``error``; and its objective."""
+    sweep_dir, num = Path(str(hydra.sweep.dir)).absolute(), int(hydra.job.num)
+    entry = _read_json(_entry_path(sweep_dir, num)) or {"num": num}
+    summary = _read_json(Path(str(hydra.runtime.output_dir)) / "summary.json") or {}
+    status = summary.get("status")
+    entry.update(status=status if status in final else fallback, finished_at=_now())
+    error = summary.get("error", error)
+    if error is not None:
+        entry["error"] = error
+    if "objective" in summary:
+        entry["objective"] = summary["objective"]
+    _update(sweep_dir, entry)
 
 
 def job_interrupted(hydra: DictConfig) -> None:
     """Record a sweep job stopped by Ctrl-C (``hydra``: the job's ``HydraConfig``).
 
     Hydra calls no ``on_job_end`` for a KeyboardInterrupt, which would leave the job ``running`` in
-    the manifest. ``interrupted`` is not final: re-running the sweep resumes the job.
+    the manifest. ``interrupted`` is not final: re-running the sweep resumes the job. A run that
+    completed before the signal (it came during the last step) keeps its status.
     """
-    sweep_dir, num = Path(str(hydra.sweep.dir)).absolute(), int(hydra.job.num)
-    entry = _read_json(_entry_path(sweep_dir, num)) or {"num": num}
-    summary = _read_json(Path(str(hydra.runtime.output_dir)) / "summary.json") or {}
-    entry.update(status="interrupted", error=summary.get("error", "interrupted (Ctrl-C)"))
-    _update(sweep_dir, entry)
+    _end_entry(hydra, "interrupted", "interrupted (Ctrl-C)", final=(*FINAL, "interrupted"))
 
 
 def _job_location(config: DictConfig) -> tuple[Path, int]:
@@ -263,8 +268,9 @@ def _merge(sweep_dir: Path) -> dict[str, Any]:
     return manifest
 
 
-def _list_failures(sweep_dir: Path) -> None:
-    """Log every failed job of the sweep, one line each, and note the sweep in ``failed_sweeps``."""
+def _list_failures(sweep_dir: Path, exit_status: bool = True) -> None:
+    """Log every failed job of the sweep, one line each; with ``exit_status``, note the sweep in
+    ``failed_sweeps`` (the command then exits with 1)."""
     manifest = _read_json(sweep_dir / MANIFEST) or {}
     jobs = manifest.get("jobs") or []
     failed = [job for job in jobs if job.get("status") == "failed"]
@@ -274,7 +280,8 @@ def _list_failures(sweep_dir: Path) -> None:
              for job in failed]
     log.error("%d of %d jobs failed (python launch/collect.py %s lists every job):\n  %s", len(failed), len(jobs),
               sweep_dir, "\n  ".join(lines[:50]) + (f"\n  ... and {len(lines) - 50} more" if len(lines) > 50 else ""))
-    failed_sweeps.append((len(failed), len(jobs), str(sweep_dir)))
+    if exit_status:
+        failed_sweeps.append((len(failed), len(jobs), str(sweep_dir)))
 
 
 def _settle_all(sweep_dir: Path) -> None:

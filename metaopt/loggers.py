@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from metaopt.errors import describe
+from metaopt.preemption import Requeued
 
 log = logging.getLogger("metaopt")
 
@@ -72,9 +73,9 @@ class WandbLogger(Logger):
         except Exception as exc:
             if self.mode != "online":
                 raise
-            raise RuntimeError(f"{describe(exc)}; W&B could not be reached within logger.init_timeout="
-                               f"{self.init_timeout:g}s: logger.mode=offline keeps the run in the run dir "
-                               "(upload it later with wandb sync)") from exc
+            raise RuntimeError(f"{describe(exc)} (online, logger.init_timeout={self.init_timeout:g}s); "
+                               "without a reachable W&B server or account, logger.mode=offline keeps the run "
+                               "in the run dir (upload it later with wandb sync)") from exc
 
     def log(self, metrics, step) -> None:
         self._run.log(metrics, step=step)
@@ -101,6 +102,8 @@ class SafeLogger(Logger):
             getattr(self.inner, method)(*args, **kwargs)
         # SystemExit too: a library's sys.exit (wandb's on some service errors) must not end training.
         except (Exception, SystemExit) as exc:  # noqa: BLE001 - a logger must never kill training
+            if isinstance(exc, Requeued):  # SLURM's signal requeued the job while the logger ran
+                raise
             name = type(self.inner).__name__
             log.warning("%s.%s failed (%s); continuing without this logger (metrics.jsonl and summary.json "
                         "are unaffected)", name, method, describe(exc))

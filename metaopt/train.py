@@ -105,6 +105,13 @@ class GracefulStop:
             signum = self._installed.pop()
             signal.signal(signum, self._DEFAULTS[signum])
 
+    def after_last_step(self) -> None:
+        """A signal during the last step (no boundary left to stop at): the run is complete and recorded;
+        stop now, as asked, rather than go on (to the next job of a sweep)."""
+        if self.requested:
+            log.warning("%s during the last step: the run completed; stopping", self.signal_name)
+            raise KeyboardInterrupt
+
     def stop(self, files: RunFiles, summary: dict[str, Any], step: int, total: int, resume_with: str) -> None:
         """After the checkpoint at ``step``: record the run as interrupted and raise KeyboardInterrupt."""
         summary.update(status="interrupted", steps=step,
@@ -539,4 +546,5 @@ def _run(cfg: DictConfig, c: Components, files: RunFiles, logger: Logger, summar
     log.info("%s: %d steps in %.1fs, %s; results in %s (%s)", summary["status"], st.step, st.elapsed,
              " ".join(f"{k}={v:.4g}" for k, v in summary.get("final", {}).items() if isinstance(v, float)),
              files.dir, ", ".join(written))
+    stop.after_last_step()
     return float(summary["objective"])

@@ -127,6 +127,20 @@ def test_ctrl_c_checkpoints_at_the_next_step_and_the_rerun_resumes(make_cfg, tmp
         without_timing(read_jsonl(tmp_path / "full" / "metrics.jsonl"))
 
 
+def test_ctrl_c_during_the_last_step_completes_the_run_and_stops(make_cfg, tmp_path, monkeypatch):
+    real_update = train_module.Progress.update
+
+    def ctrl_c_at_the_end(self, step, metrics):
+        real_update(self, step, metrics)
+        if step == 20:
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(train_module.Progress, "update", ctrl_c_at_the_end)
+    with pytest.raises(KeyboardInterrupt):
+        train(make_cfg("task=rosenbrock", "trainer.steps=20"), run_dir=tmp_path)
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "completed"
+
+
 def test_rerun_of_completed_run_returns_its_result(make_cfg, tmp_path):
     cfg = make_cfg("task=rosenbrock")
     first = train(cfg, run_dir=tmp_path)
@@ -246,6 +260,18 @@ def test_failing_logger_warns_once_and_training_continues(make_cfg, tmp_path, ca
     assert math.isfinite(value)
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "completed"
     assert len([r for r in caplog.records if "continuing without this logger" in r.message]) == 1
+
+
+def test_a_requeue_during_a_logger_call_is_not_swallowed():
+    from metaopt.loggers import Logger, SafeLogger
+    from metaopt.preemption import Requeued
+
+    class Slow(Logger):
+        def log(self, metrics, step):
+            raise Requeued(0)  # SLURM's signal handled while W&B was busy
+
+    with pytest.raises(Requeued):
+        SafeLogger(Slow()).log({}, 1)
 
 
 def test_logger_that_exits_does_not_end_training(make_cfg, tmp_path, monkeypatch):

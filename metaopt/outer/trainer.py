@@ -353,6 +353,7 @@ class MetaTrainer:
                  "%.4g%s; results in %s (lopt.pt, metrics.jsonl, %s, %s)", loop["step"], loop["elapsed"],
                  summary["meta_step_time_mean"], objective,
                  "".join(f", {k} {v['mean']:.4g}" for k, v in versus.items()), files.dir, EVAL_FILE, PLOT_FILE)
+        stop.after_last_step()
         return float(objective)
 
     def _write_outputs(self, files: RunFiles, result: dict[str, Any], baselines: dict[str, Any]) -> None:
