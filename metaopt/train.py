@@ -27,7 +27,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
-from metaopt import preemption
+from metaopt import preemption, pretrained
 from metaopt.config import config_dir, resolve_device, validate
 from metaopt.errors import ConfigError, MetaoptError, describe
 from metaopt.loggers import Logger, NullLogger, SafeLogger
@@ -41,6 +41,7 @@ log = logging.getLogger("metaopt")
 
 # Config sections that determine a run's trajectory: a checkpoint is only resumed by the same ones.
 _FINGERPRINT_KEYS = ("seed", "task", "optimizer", "scheduler", "meta")
+_SHIPPED = str(Path(pretrained.__file__).resolve().parent) + os.sep
 
 
 @dataclass
@@ -194,7 +195,19 @@ def _use_deterministic_algorithms() -> None:
 def fingerprint(cfg: DictConfig) -> str:
     sections = {k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg.get(k), DictConfig)
                 else cfg.get(k) for k in _FINGERPRINT_KEYS}
-    return hashlib.sha256(json.dumps(sections, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(_by_name(sections), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _by_name(value: Any) -> Any:
+    """Weights shipped inside the package (``${pretrained:name}``) by their name, not their path:
+    the same run from another checkout or install of metaopt is the same run."""
+    if isinstance(value, dict):
+        return {k: _by_name(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_by_name(v) for v in value]
+    if isinstance(value, str) and value.startswith(_SHIPPED):
+        return "pretrained:" + value[len(_SHIPPED):]
+    return value
 
 
 def resume_with(hydra_info: dict[str, Any], files: RunFiles) -> str:
@@ -353,6 +366,9 @@ class RunRecord:
         self.files = RunFiles(run_dir)
         fp = fingerprint(cfg)
         previous = self.files.read_summary() or {}
+        if previous.get("fingerprint") not in (None, fp):  # checked before anything is written there
+            raise ConfigError(f"hydra.run.dir: {self.files.dir} holds a run of a different config "
+                              "(task/optimizer/scheduler/seed); choose a new run directory")
         self.previous = previous
         done = previous.get("status") == "completed" and previous.get("fingerprint") == fp
         self.completed_objective: float | None = float(previous["objective"]) if done else None

@@ -155,6 +155,26 @@ def test_rerun_of_completed_run_with_other_steps_is_refused(make_cfg, tmp_path):
         train(make_cfg("task=rosenbrock", "trainer.steps=40"), run_dir=tmp_path)
 
 
+def test_a_dir_holding_another_configs_run_is_refused_and_left_as_it_was(make_cfg, tmp_path):
+    train(make_cfg("task=rosenbrock", "trainer.steps=20"), run_dir=tmp_path)
+    before = (tmp_path / "summary.json").read_text()
+    with pytest.raises(ConfigError, match="different config"):
+        train(make_cfg("task=rosenbrock", "trainer.steps=20", "optimizer=sgd"), run_dir=tmp_path)
+    assert (tmp_path / "summary.json").read_text() == before  # the completed result is not overwritten
+
+
+def test_shipped_weights_enter_the_fingerprint_by_name(make_cfg, monkeypatch):
+    # The same run from another checkout: the ${pretrained:...} path differs, the run does not.
+    cfg = make_cfg("optimizer=learned_rnn_linreg")
+    here = train_module.fingerprint(cfg)
+    elsewhere = "/elsewhere/site-packages/metaopt/pretrained/"
+    monkeypatch.setattr(train_module, "_SHIPPED", elsewhere)
+    cfg.optimizer.checkpoint = elsewhere + "gru_linreg.pt"
+    assert train_module.fingerprint(cfg) == here
+    cfg.optimizer.checkpoint = "/my/own/lopt.pt"
+    assert train_module.fingerprint(cfg) != here
+
+
 def test_checkpoint_of_another_config_is_not_resumed(make_cfg, tmp_path):
     train(make_cfg("task=rosenbrock", "trainer.steps=20"), run_dir=tmp_path)
     (tmp_path / "summary.json").unlink()
