@@ -340,9 +340,9 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
     if record.completed_objective is not None:
         done = record.previous.get("target_steps")
         if done is not None and int(done) != int(cfg.trainer.steps):
-            raise ConfigError(f"trainer.steps: {run_dir} holds a run completed at {done} steps, not "
+            raise ConfigError(f"trainer.steps: {run_dir} holds a run finished for {done} steps, not "
                               f"{int(cfg.trainer.steps)}; choose a new run directory")
-        log.info("run in %s already completed; returning its result", run_dir)
+        log.info("run in %s already %s; returning its result", run_dir, record.previous["status"])
         return record.completed_objective
 
     def body() -> float:
@@ -356,8 +356,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
 class RunRecord:
     """What every run directory goes through, for the training loop and the outer trainer alike.
 
-    A directory whose run completed with the same config has ``completed_objective`` set (re-running
-    returns it). Otherwise :meth:`run` executes the body; any exception is recorded as
+    A directory whose run completed (or diverged) with the same config has ``completed_objective``
+    set (re-running returns it). Otherwise :meth:`run` executes the body; any exception is recorded as
     ``status: failed`` (``interrupted`` for Ctrl-C) with its first line in ``summary.json`` before it
     propagates, and the logger is finished and the files closed whatever happens.
     """
@@ -370,7 +370,8 @@ class RunRecord:
             raise ConfigError(f"hydra.run.dir: {self.files.dir} holds a run of a different config "
                               "(task/optimizer/scheduler/seed); choose a new run directory")
         self.previous = previous
-        done = previous.get("status") == "completed" and previous.get("fingerprint") == fp
+        # A diverged run is a result too (objective inf): seeded runs would diverge the same way again.
+        done = previous.get("status") in ("completed", "diverged") and previous.get("fingerprint") == fp
         self.completed_objective: float | None = float(previous["objective"]) if done else None
         self.summary: dict[str, Any] = {"status": "running", "run_dir": str(self.files.dir), "fingerprint": fp,
                                         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}

@@ -151,7 +151,7 @@ def test_rerun_of_completed_run_returns_its_result(make_cfg, tmp_path):
 
 def test_rerun_of_completed_run_with_other_steps_is_refused(make_cfg, tmp_path):
     train(make_cfg("task=rosenbrock", "trainer.steps=20"), run_dir=tmp_path)
-    with pytest.raises(ConfigError, match=r"^trainer.steps: .* completed at 20 steps, not 40"):
+    with pytest.raises(ConfigError, match=r"^trainer.steps: .* finished for 20 steps, not 40"):
         train(make_cfg("task=rosenbrock", "trainer.steps=40"), run_dir=tmp_path)
 
 
@@ -185,6 +185,9 @@ def test_checkpoint_of_another_config_is_not_resumed(make_cfg, tmp_path):
 def test_divergence_stops_marks_run_and_keeps_metrics(make_cfg, tmp_path):
     cfg = make_cfg("task=rosenbrock", "optimizer=sgd", "optimizer.lr=10", "trainer.steps=200")
     value = train(cfg, run_dir=tmp_path)
+    before = (tmp_path / "summary.json").read_text()
+    assert train(cfg, run_dir=tmp_path) == math.inf  # a rerun (a resumed sweep) returns the recorded result
+    assert (tmp_path / "summary.json").read_text() == before
     summary = json.loads((tmp_path / "summary.json").read_text())
     records = read_jsonl(tmp_path / "metrics.jsonl")
     assert value == math.inf
