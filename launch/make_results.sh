@@ -3,7 +3,7 @@
 # step-cost table (mnist1d MLP and ResNet-20) and the loop overhead. Run on a quiet machine from
 # the repository root, in the environment the README installs (with the peers extra):
 #
-#   bash launch/make_results.sh            # ≈ 18 min on 2 CPU cores (1050 s measured)
+#   bash launch/make_results.sh            # ≈ 35 min on 2 CPU cores (bench_small ≈ 29 min of it)
 #
 # It ends by rewriting docs/results.md (launch/results_page.py), keeping its hand-written notes.
 set -euo pipefail

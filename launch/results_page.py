@@ -48,7 +48,7 @@ def main(argv: list[str]) -> None:
         "",
         f"Latest run of the benchmark suite and the step-cost benchmark (commit `{commit}`, "
         f"{platform.machine()} CPU, report made {made.group(1) if made else datetime.now(timezone.utc)}). Regenerate with "
-        "`bash launch/make_results.sh` (on a quiet machine, ≈ 18 min on 2 cores; it ends by rewriting this page with `launch/results_page.py`).",
+        "`bash launch/make_results.sh` (on a quiet machine, ≈ 35 min on 2 cores; it ends by rewriting this page with `launch/results_page.py`).",
         "",
         "## What the numbers say",
         "",
