@@ -106,3 +106,26 @@ def step_cost_ratios(make_base: Callable, make_other: Callable, limit: float, tr
 def step_cost_ratio() -> Callable[..., list[float]]:
     """:func:`step_cost_ratios`, for the step-cost tests of the optimizers' issues."""
     return step_cost_ratios
+
+
+@pytest.fixture
+def default_signals():
+    """Python's own SIGINT/SIGTERM handling for the test, as on a terminal: a runner started in the
+    background (``cmd &``, nohup) hands its processes SIGINT ignored, and the loop's graceful stop
+    rightly leaves an ignored signal alone."""
+    import signal
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
+
+
+def sigint_as_on_a_terminal() -> None:
+    """``preexec_fn`` for a subprocess that is sent Ctrl-C: SIGINT at its default, so that Python
+    installs its KeyboardInterrupt handler even under a runner that ignores SIGINT."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from metaopt.cli_check import options
+from tests.conftest import sigint_as_on_a_terminal
 
 TINY = ["trainer.steps=20", "trainer.eval_every=10", "trainer.log_every=5", "trainer.checkpoint_every=10"]
 
@@ -94,7 +95,8 @@ def test_ctrl_c_in_a_sweep_checkpoints_and_records_the_job_as_interrupted(tmp_pa
     proc = subprocess.Popen([sys.executable, "-m", "metaopt", "-m", "task=quadratic", "optimizer=adam,sgd",
                              "trainer.steps=10000000", "trainer.checkpoint_every=10000000", "logger=none",
                              f"hydra.sweep.dir={sweep}"],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=sigint_as_on_a_terminal)
     try:
         for line in proc.stdout:
             if "step " in line and "/10000000" in line:  # the loop is running: a progress line

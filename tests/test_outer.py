@@ -287,7 +287,8 @@ class Interrupt(Exception):
 
 
 @pytest.mark.parametrize("meta", ["pes", "truncated_bptt", "es"])
-def test_interrupted_meta_training_resumes_to_the_same_result(make_cfg, tmp_path, monkeypatch, meta):
+def test_interrupted_meta_training_resumes_to_the_same_result(make_cfg, tmp_path, monkeypatch, meta,
+                                                               default_signals):
     overrides = (f"meta={meta}", "meta.steps=8", "meta.checkpoint_every=3", "meta.eval_every=4",
                  "meta.eval_tasks=4", "meta.log_every=1", *([] if meta == "es" else ["meta.unroll=5"]))
     with_baseline = {"adam": {"_target_": "metaopt.outer.Adam", "num_lrs": 2}}

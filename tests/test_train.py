@@ -90,7 +90,8 @@ def test_interrupted_then_resumed_equals_uninterrupted(make_cfg, tmp_path, monke
 
 
 @pytest.mark.parametrize("signals", [["SIGINT"], ["SIGINT", "SIGINT"], ["SIGTERM"]])
-def test_ctrl_c_checkpoints_at_the_next_step_and_the_rerun_resumes(make_cfg, tmp_path, monkeypatch, signals):
+def test_ctrl_c_checkpoints_at_the_next_step_and_the_rerun_resumes(make_cfg, tmp_path, monkeypatch, signals,
+                                                                   default_signals):
     overrides = ("task=quadratic", "trainer.steps=30", "trainer.checkpoint_every=10", "trainer.log_every=3",
                  "scheduler=cosine")
     train(make_cfg(*overrides), run_dir=tmp_path / "full")
@@ -127,7 +128,7 @@ def test_ctrl_c_checkpoints_at_the_next_step_and_the_rerun_resumes(make_cfg, tmp
         without_timing(read_jsonl(tmp_path / "full" / "metrics.jsonl"))
 
 
-def test_ctrl_c_during_the_last_step_completes_the_run_and_stops(make_cfg, tmp_path, monkeypatch):
+def test_ctrl_c_during_the_last_step_completes_the_run_and_stops(make_cfg, tmp_path, monkeypatch, default_signals):
     real_update = train_module.Progress.update
 
     def ctrl_c_at_the_end(self, step, metrics):
