@@ -187,7 +187,13 @@ def test_divergence_stops_marks_run_and_keeps_metrics(make_cfg, tmp_path):
     cfg = make_cfg("task=rosenbrock", "optimizer=sgd", "optimizer.lr=10", "trainer.steps=200")
     value = train(cfg, run_dir=tmp_path)
     before = (tmp_path / "summary.json").read_text()
-    assert train(cfg, run_dir=tmp_path) == math.inf  # a rerun (a resumed sweep) returns the recorded result
+
+    def no_training(cfg):
+        raise AssertionError("a diverged run's rerun must return its recorded result, not train again")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_module, "build", no_training)
+        assert train(cfg, run_dir=tmp_path) == math.inf  # a resumed sweep returns the recorded result
     assert (tmp_path / "summary.json").read_text() == before
     summary = json.loads((tmp_path / "summary.json").read_text())
     records = read_jsonl(tmp_path / "metrics.jsonl")
