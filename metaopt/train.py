@@ -366,7 +366,9 @@ class RunRecord:
         self.files = RunFiles(run_dir)
         fp = fingerprint(cfg)
         previous = self.files.read_summary() or {}
-        if previous.get("fingerprint") not in (None, fp):  # checked before anything is written there
+        # Checked before anything is written there: a finished result of another config must not be
+        # overwritten (a run that failed or never got going may be replaced, e.g. after a typo).
+        if previous.get("status") in ("completed", "diverged") and previous.get("fingerprint") != fp:
             raise ConfigError(f"hydra.run.dir: {self.files.dir} holds a run of a different config "
                               "(task/optimizer/scheduler/seed); choose a new run directory")
         self.previous = previous

@@ -164,6 +164,12 @@ def test_a_dir_holding_another_configs_run_is_refused_and_left_as_it_was(make_cf
     assert (tmp_path / "summary.json").read_text() == before  # the completed result is not overwritten
 
 
+def test_a_run_that_failed_on_its_config_can_be_rerun_in_its_dir_once_fixed(make_cfg, tmp_path):
+    with pytest.raises(ConfigError):
+        train(make_cfg("task=rosenbrock", "trainer.steps=20", "optimizer.lr=-1"), run_dir=tmp_path)
+    assert math.isfinite(train(make_cfg("task=rosenbrock", "trainer.steps=20"), run_dir=tmp_path))
+
+
 def test_shipped_weights_enter_the_fingerprint_by_name(make_cfg, monkeypatch):
     # The same run from another checkout: the ${pretrained:...} path differs, the run does not.
     cfg = make_cfg("optimizer=learned_rnn_linreg")
