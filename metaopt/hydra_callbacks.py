@@ -121,7 +121,7 @@ class SweepManifest(Callback):
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not _multirun(config):
             return
-        sweep_dir, num = _job_location(config)
+        sweep_dir, num = _job_location(config.hydra)
         previous = _read_json(_entry_path(sweep_dir, num)) or {}
         entry = {
             "num": num,
@@ -154,7 +154,7 @@ def _end_entry(hydra: DictConfig, fallback: str, error: str | None, final: tuple
     """Write a job's end into its manifest entry: the status its summary.json ends with when that is
     one of ``final``, else ``fallback`` (the task failed before the loop wrote a summary, or never
     trained); the summary's error, else ``error``; and its objective."""
-    sweep_dir, num = Path(str(hydra.sweep.dir)).absolute(), int(hydra.job.num)
+    sweep_dir, num = _job_location(hydra)
     entry = _read_json(_entry_path(sweep_dir, num)) or {"num": num}
     summary = _read_json(Path(str(hydra.runtime.output_dir)) / "summary.json") or {}
     status = summary.get("status")
@@ -177,8 +177,9 @@ def job_interrupted(hydra: DictConfig) -> None:
     _end_entry(hydra, "interrupted", "interrupted (Ctrl-C)", final=(*FINAL, "interrupted"))
 
 
-def _job_location(config: DictConfig) -> tuple[Path, int]:
-    return Path(str(config.hydra.sweep.dir)).absolute(), int(config.hydra.job.num)
+def _job_location(hydra: DictConfig) -> tuple[Path, int]:
+    """Sweep dir and job number from the job's ``hydra`` node."""
+    return Path(str(hydra.sweep.dir)).absolute(), int(hydra.job.num)
 
 
 def _entry_path(sweep_dir: Path, num: int) -> Path:

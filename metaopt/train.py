@@ -366,15 +366,15 @@ class RunRecord:
         self.files = RunFiles(run_dir)
         fp = fingerprint(cfg)
         previous = self.files.read_summary() or {}
+        # A diverged run is a result too (objective inf): seeded runs would diverge the same way again.
+        finished = previous.get("status") in ("completed", "diverged")
         # Checked before anything is written there: a finished result of another config must not be
         # overwritten (a run that failed or never got going may be replaced, e.g. after a typo).
-        if previous.get("status") in ("completed", "diverged") and previous.get("fingerprint") != fp:
+        if finished and previous.get("fingerprint") != fp:
             raise ConfigError(f"hydra.run.dir: {self.files.dir} holds a run of a different config "
                               "(task/optimizer/scheduler/seed); choose a new run directory")
         self.previous = previous
-        # A diverged run is a result too (objective inf): seeded runs would diverge the same way again.
-        done = previous.get("status") in ("completed", "diverged") and previous.get("fingerprint") == fp
-        self.completed_objective: float | None = float(previous["objective"]) if done else None
+        self.completed_objective: float | None = float(previous["objective"]) if finished else None
         self.summary: dict[str, Any] = {"status": "running", "run_dir": str(self.files.dir), "fingerprint": fp,
                                         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         self.logger: Logger = NullLogger()

@@ -232,6 +232,7 @@ def test_a_job_the_manifest_settled_as_failed_is_failed_in_the_report(tmp_path):
     fake_run(tmp_path / "0", "alpha", "adam", 0.01, 0, [2, 1, .6, .4])
     fake_run(tmp_path / "1", "alpha", "adam", 0.01, 1, [2, 1], status="running")
     reason = "the job ended in SLURM state CANCELLED by 0 without writing a result"
+    (tmp_path / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"sweeper": {}}}))  # as Hydra leaves it
     (tmp_path / "manifest.json").write_text(json.dumps({"jobs": [
         {"num": 0, "run_dir": str(tmp_path / "0"), "status": "completed"},
         {"num": 1, "run_dir": str(tmp_path / "1"), "status": "failed", "error": reason}]}))

@@ -276,6 +276,7 @@ def load_sweeps(paths: list[str | os.PathLike]) -> Sweep:
     runs: list[Run] = []
     missing: list[str] = []
     seen: set[Path] = set()
+    manifest_entries: dict[Path, dict[str, Any]] = {}
     for root in roots:
         if not root.exists():
             missing.append(f"{root}: does not exist")
@@ -286,6 +287,7 @@ def load_sweeps(paths: list[str | os.PathLike]) -> Sweep:
         # Every sweep dir under the root (the root itself, or e.g. outputs/multirun/<date>/*).
         for multirun in sorted(root.rglob("multirun.yaml")):
             sweep_dir = multirun.parent
+            manifest_entries.update(_manifest_entries(sweep_dir))
             planned = planned_jobs(sweep_dir)
             if planned is None:
                 continue
@@ -294,22 +296,23 @@ def load_sweeps(paths: list[str | os.PathLike]) -> Sweep:
             if absent:
                 shown = ", ".join(map(str, absent[:20])) + (" …" if len(absent) > 20 else "")
                 missing.append(f"{sweep_dir}: no run dir for job(s) {shown} (of {planned} planned)")
-    _settled_by_manifests(runs, roots)
+    _settled_by_manifests(runs, manifest_entries)
     name_settings(runs)
     return Sweep(runs=runs, missing=missing, roots=roots)
 
 
-def _settled_by_manifests(runs: list[Run], roots: list[Path]) -> None:
+def _manifest_entries(sweep_dir: Path) -> dict[Path, dict[str, Any]]:
+    """The jobs of the sweep's manifest.json (written beside multirun.yaml), by run dir."""
+    try:
+        jobs = json.loads((sweep_dir / "manifest.json").read_text()).get("jobs") or []
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return {Path(job["run_dir"]).resolve(): job for job in jobs if job.get("run_dir")}
+
+
+def _settled_by_manifests(runs: list[Run], entries: dict[Path, dict[str, Any]]) -> None:
     """A job its sweep's manifest.json calls failed (cancelled, killed, out of requeues: it never
     wrote a final summary) is failed here too, with the manifest's reason."""
-    entries: dict[Path, dict[str, Any]] = {}
-    for root in roots:
-        for manifest in root.rglob("manifest.json") if root.is_dir() else ():
-            try:
-                jobs = json.loads(manifest.read_text()).get("jobs") or []
-            except (OSError, json.JSONDecodeError):
-                continue
-            entries.update({Path(job["run_dir"]).resolve(): job for job in jobs if job.get("run_dir")})
     for run in runs:
         entry = entries.get(run.dir.resolve())
         if run.status == INCOMPLETE and entry is not None and entry.get("status") == "failed":
