@@ -63,9 +63,9 @@ def _log_to_files(message: str) -> None:
 
 
 def main() -> None:
-    from metaopt.cli_check import check_overrides
+    from metaopt.cli_check import check_keys, check_overrides
 
-    problem = check_overrides(sys.argv[1:])
+    problem = check_overrides(sys.argv[1:]) or check_keys(sys.argv[1:])
     if problem is not None:  # Hydra's own message for this is a screenful
         print(f"metaopt: error: {problem}", file=sys.stderr)
         sys.exit(2)

@@ -1,14 +1,19 @@
-"""One-line errors for a misspelled config-group option, before Hydra composes anything.
+"""One-line errors for a misspelled config-group option or config key, before Hydra runs.
 
 ``python -m metaopt optimizer=adamm`` would otherwise end in Hydra's many-line "Could not find
 'optimizer/adamm'" block with the search path. :func:`check_overrides` reads only the file names
 under ``conf/`` (no torch, no composition), so it is cheap enough to run on every invocation.
+``python -m metaopt optimizer.lrr=0.1`` would end in Hydra's "Key 'lrr' is not in struct" block,
+which names neither the valid keys nor the closest one. :func:`check_keys` composes the config
+(once per combination of swept group options) only when an argument sets a key.
 """
 
 from __future__ import annotations
 
 import difflib
+import itertools
 import re
+from typing import Any
 
 from metaopt.config import config_dir
 
@@ -21,6 +26,11 @@ _SPECIAL = set("()[]{}*$'\"\\")
 # These change the config directory, primary config or search path: the options under conf/ may
 # then not be the ones Hydra sees.
 _CONFIG_FLAGS = ("--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd")
+# Arguments after which Hydra does not compose the job's config the usual way.
+_NO_RUN_FLAGS = ("-h", "--help", "--hydra-help", "-sc", "--shell-completion", "--experimental-rerun")
+# A sweep over group options is checked option by option up to this many combinations; a larger
+# one is left to Hydra rather than composed that many times before the first job starts.
+_MAX_COMBINATIONS = 16
 
 
 def options(group: str) -> list[str]:
@@ -97,4 +107,109 @@ def check_overrides(argv: list[str]) -> str | None:
         for item in (v.strip() for v in value.split(",")):
             if item and item.lower() != "null" and item not in choices:
                 return unknown_option(group, item, choices)
+    return None
+
+
+def _top_level_dirs() -> set[str]:
+    return {p.name for p in config_dir().iterdir() if p.is_dir()}
+
+
+def _missing_key(cfg: Any, key: str) -> tuple[str, str, list[str]] | None:
+    """``(first missing path, its parent's path, the parent's keys)`` if ``key`` does not exist.
+
+    Walks the nodes without resolving interpolations. A list, a leaf, ``None``, ``???`` or an
+    interpolation on the way ends the walk without a verdict: Hydra judges those.
+    """
+    from omegaconf import DictConfig
+
+    node, path = cfg, []
+    for part in key.split("."):
+        if (not isinstance(node, DictConfig) or node._is_none() or node._is_missing()
+                or node._is_interpolation()):
+            return None
+        keys = [str(k) for k in node.keys() if k != "hydra"]
+        if part not in keys:
+            return ".".join([*path, part]), ".".join(path), keys
+        node, path = node._get_node(part), [*path, part]
+    return None
+
+
+def unknown_key(key: str, missing: str, parent: str, keys: list[str], choice: str | None) -> str:
+    """``key: no such key (did you mean 'x'?); keys of parent: a, b, ...; +key=... adds one``."""
+    close = difflib.get_close_matches(missing.rsplit(".", 1)[-1], keys, n=1)
+    hint = f" (did you mean {'.'.join([parent, close[0]]).lstrip('.')!r}?)" if close else ""
+    where = f"keys of {parent}" + (f" ({parent}={choice})" if choice else "") if parent else "top-level keys"
+    return f"{missing}: no such key{hint}; {where}: {', '.join(keys)}; +{key}=... adds one"
+
+
+def check_keys(argv: list[str]) -> str | None:
+    """A one-line error for the first argument that sets a config key the composed config lacks.
+
+    Looks at plain ``key=value`` arguments (not ``+``/``++``, which add keys, nor ``hydra...``).
+    The config is composed with the other arguments, once per combination of swept group
+    options (``-m optimizer=adam,pal``), so a key that one swept option lacks is named with that
+    option. ``None`` when nothing is wrong or the arguments are past what this check judges
+    (another config tree, globs over options, a large sweep, a list index): Hydra judges those.
+    """
+    if any(a.split("=", 1)[0] in _CONFIG_FLAGS + _NO_RUN_FLAGS for a in argv):
+        return None
+    if any(a.lstrip("+").startswith("hydra.searchpath") for a in argv):
+        return None
+    args = [a for a in argv if _OVERRIDE.match(a)]
+    groups = _top_level_dirs()
+
+    def is_key(arg: str) -> bool:
+        key = _OVERRIDE.match(arg)["key"]
+        return (not arg.startswith("+") and "/" not in key and "@" not in key
+                and not key.startswith("hydra") and ("." in key or key not in groups))
+
+    if not any(is_key(a) for a in args):
+        return None
+    try:
+        from hydra import compose, initialize_config_dir
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        parsed = OverridesParser.create().parse_overrides(args)
+    except Exception:  # noqa: BLE001 - a grammar error is Hydra's to report
+        return None
+    keys: list[str] = []
+    choices: list[list[str]] = []  # per structural argument: the arguments it stands for
+    for arg, override in zip(args, parsed):
+        name = override.key_or_group
+        if name.startswith("hydra"):
+            continue
+        if is_key(arg):
+            if not any(part.isdigit() for part in name.split(".")):
+                keys.append(name)
+            continue
+        prefix = "++" if override.is_force_add() else "+" if override.is_add() else ""
+        if override.is_sweep_override():
+            try:
+                values = list(override.sweep_string_iterator())
+            except Exception:  # noqa: BLE001 - glob(), range() of options: not judged here
+                return None
+            if not override.is_add() and not override.is_force_add() and name in groups:
+                choices.append([f"{prefix}{name}={v}" for v in values])
+            else:  # an added key's value does not change which keys exist
+                choices.append([f"{prefix}{name}={values[0]}"])
+        else:
+            choices.append([arg])
+    if not keys:
+        return None
+    combinations = list(itertools.product(*choices))
+    if len(combinations) > _MAX_COMBINATIONS:
+        return None
+    try:
+        with initialize_config_dir(str(config_dir()), version_base="1.3"):
+            for combination in combinations:
+                cfg = compose("config", overrides=list(combination), return_hydra_config=True)
+                picked = cfg.hydra.runtime.choices
+                for key in keys:
+                    missing = _missing_key(cfg, key)
+                    if missing is not None:
+                        path, parent, names = missing
+                        choice = picked.get(parent) if parent in picked else None
+                        return unknown_key(key, path, parent, names, choice)
+    except Exception:  # noqa: BLE001 - any other composition error: Hydra reports it
+        return None
     return None

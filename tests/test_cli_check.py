@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from metaopt.cli_check import check_overrides, options, selectable_groups
+from metaopt.cli_check import check_keys, check_overrides, options, selectable_groups
 
 
 @pytest.mark.parametrize("arg,group,bad", [
@@ -81,3 +81,54 @@ def test_importing_it_imports_neither_torch_nor_hydra():
              "print('torch' in sys.modules, 'hydra' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+@pytest.mark.parametrize("argv,start", [
+    (["optimizer.lrr=0.1"], "optimizer.lrr: no such key (did you mean 'optimizer.lr'?); keys of optimizer "
+                            "(optimizer=adam): _target_, _partial_, lr, betas, "),
+    (["sed=1"], "sed: no such key (did you mean 'seed'?); top-level keys: seed, device, trainer, "),
+    (["trainer.stepz=3", "seed=1"], "trainer.stepz: no such key (did you mean 'trainer.steps'?); keys of trainer: "),
+    (["optimizr.lr=0.1"], "optimizr: no such key (did you mean 'optimizer'?); top-level keys: "),
+    (["experiment=greedy_mnist1d", "optimizer.horizonn=3"],
+     "optimizer.horizonn: no such key (did you mean 'optimizer.horizon'?); keys of optimizer (optimizer=greedy_sgd): "),
+    # A key one swept option lacks is named with that option.
+    (["-m", "optimizer=adam,pal", "optimizer.betas=[0.9,0.99]", "seed=0,1"],
+     "optimizer.betas: no such key; keys of optimizer (optimizer=pal): _target_, _partial_, measuring_step, "),
+    (["task=two_moons", "task.nosuch.deeper=1"], "task.nosuch: no such key; keys of task (task=two_moons): "),
+])
+def test_misspelled_key_is_one_line_naming_the_closest_key_and_the_keys(argv, start):
+    message = check_keys(argv)
+    assert message is not None and "\n" not in message
+    assert message.startswith(start), message
+    assert message.endswith("=... adds one")
+
+
+@pytest.mark.parametrize("argv", [
+    [], ["optimizer=pal"], ["-m", "optimizer=adam,sgd", "seed=0,1,2"],
+    ["optimizer=pal", "optimizer.measuring_step=0.1", "trainer.steps=3", "task.data_dir=/data"],
+    ["experiment=greedy_mnist1d", "optimizer.horizon=30"],
+    ["+optimizer.foo=1", "optimizer.foo=2"], ["++optimizer.bar=1"],
+    ["hydra.job.chdir=true", "hydra.nosuch=1", "hydra/launcher=slurm"],
+    ["optimizer.betas.0=0.8"],  # a list index: Hydra judges
+    ["optimizer.lrr=0.1", "--cfg", "job", "-cd", "/elsewhere"], ["optimizer.lrr=1", "--help"],
+    ["-m", "optimizer=glob(*)", "optimizer.lrr=1"],  # options from a glob: Hydra judges
+    ["optimizer.lr=0.1", "optimizer=adamm"],  # composition fails: Hydra (or check_overrides) reports it
+])
+def test_existing_added_or_unjudged_keys_give_none(argv):
+    assert check_keys(argv) is None
+
+
+def test_a_sweep_too_large_to_compose_option_by_option_is_left_to_hydra():
+    argv = ["-m", "optimizer=adam,sgd,pal", "task=mnist1d,two_moons,linreg", "scheduler=constant,cosine",
+            "optimizer.lrr=1"]
+    assert check_keys(argv) is None  # 18 combinations
+    assert check_keys(argv[:2] + argv[3:]) is not None
+
+
+def test_a_misspelled_key_on_the_command_line_exits_2_with_one_stderr_line(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "metaopt", "trainer.stepz=3", f"hydra.run.dir={tmp_path / 'run'}"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert run.stderr.splitlines() == [
+        "metaopt: error: " + check_keys(["trainer.stepz=3"])], run.stderr
+    assert not (tmp_path / "run").exists()
