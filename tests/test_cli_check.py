@@ -132,3 +132,12 @@ def test_a_misspelled_key_on_the_command_line_exits_2_with_one_stderr_line(tmp_p
     assert run.stderr.splitlines() == [
         "metaopt: error: " + check_keys(["trainer.stepz=3"])], run.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_help_lists_only_groups_a_run_can_select():
+    out = subprocess.run([sys.executable, "-m", "metaopt", "--help"], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    listed = out.split("== Configuration groups ==", 1)[1].split("== Config ==", 1)[0]
+    groups = {line.split(":", 1)[0] for line in listed.splitlines()[2:] if ": " in line}
+    # pal_compare is selected through experiment=pal_* (its defaults list), not the root's.
+    assert groups == set(selectable_groups()) | {"pal_compare"}

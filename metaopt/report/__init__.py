@@ -8,7 +8,7 @@ optimizer on validation, and writes into ``<first sweep dir>/report/`` (or ``--o
 - ``table.csv`` (chosen setting per task × optimizer), ``settings.csv``, ``runs.csv``, ``profile.csv``;
 - ``loss_vs_{steps,time,passes}.png``, ``lr_eff.png``, ``profile.png``.
 
-Per-task metrics and targets come from ``conf/report/targets.yaml`` (``--targets`` for another file).
+Per-task metrics and targets come from ``conf/report_targets.yaml`` (``--targets`` for another file).
 The rules (what counts as a failure, how a setting is chosen) are in :mod:`metaopt.report.analysis`.
 """
 

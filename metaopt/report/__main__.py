@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sweeps", nargs="+", help="sweep dirs (outputs/multirun/<date>/<time>), run dirs, or "
                                                   "any folder above them; all runs found are pooled")
     parser.add_argument("--out", help="where to write the report (default: <first sweep dir>/report)")
-    parser.add_argument("--targets", help="per-task metrics and targets (default: conf/report/targets.yaml)")
+    parser.add_argument("--targets", help="per-task metrics and targets (default: conf/report_targets.yaml)")
     parser.add_argument("--no-html", action="store_true", help="write report.md only")
     parser.add_argument("--wandb", action="store_true", help="also log the figures as W&B media (offline run "
                                                               "under the report dir; upload with wandb sync)")

@@ -59,7 +59,7 @@ class Target:
 
 @dataclass
 class TargetsFile:
-    """``conf/report/targets.yaml``: per-task metric and target, and how to guess a missing one."""
+    """``conf/report_targets.yaml``: per-task metric and target, and how to guess a missing one."""
 
     tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
     default_metric: str = "val/loss"
@@ -71,7 +71,7 @@ class TargetsFile:
         if path is None:
             from metaopt.config import config_dir
 
-            path = config_dir() / "report" / "targets.yaml"
+            path = config_dir() / "report_targets.yaml"
             if not path.exists():
                 return cls()
         data = yaml.safe_load(Path(path).read_text()) or {}

@@ -213,7 +213,7 @@ def page_blocks(a: Analysis, sweep: Sweep, profiles: dict[str, Profile], figures
     blocks.append(("h2", "Tasks and targets"))
     blocks.append(("table", ["task", "metric", "target", "target from", "runs", "unfinished"], task_rows(a)))
     if any(a.targets[t].source == "auto" for t in a.tasks):
-        blocks.append(("p", "`auto`: no target in `conf/report/targets.yaml` for this task; the target is the "
+        blocks.append(("p", "`auto`: no target in `conf/report_targets.yaml` for this task; the target is the "
                        "best chosen setting's median final value loosened by `auto_slack`, so it only ranks "
                        "methods within this sweep."))
     blocks.append(("h2", "Overview"))
