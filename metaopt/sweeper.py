@@ -1,4 +1,4 @@
-"""What a benchmark-suite sweep runs: tasks × optimizers, each optimizer tuned on its own grid: tasks × optimizers, each optimizer tuned on its own grid.
+"""What a benchmark-suite sweep runs: tasks × optimizers, each optimizer tuned on its own grid.
 
 Hydra's basic sweeper takes one Cartesian product, so it cannot give Adam a learning-rate grid and
 PAL a grid over its measuring step in the same sweep. :class:`SuiteSweeper` expands

@@ -60,6 +60,27 @@ def test_fixed_momentum_is_torch_sgd(weight_decay):
         torch.testing.assert_close(p, q)
 
 
+@pytest.mark.parametrize("beta", [0.5, 0.9])
+def test_energy_lr_rule_is_torch_sgd_at_the_scaled_lr(beta):
+    """lr_rule="energy" (ours): with β held at b the step is the heavy ball's at lr·√(1−b²)."""
+    a, loss_fn = mlp_problem()
+    b, c = copy.deepcopy(a), copy.deepcopy(a)
+    run(a, loss_fn, torch.optim.SGD(a.parameters(), lr=0.1 * math.sqrt(1 - beta ** 2), momentum=beta), 30)
+    opt = GreedySGD(b.parameters(), lr=0.1, fixed_momentum=beta, lr_rule="energy")
+    run(b, loss_fn, opt, 30)
+    run(c, loss_fn, torch.optim.SGD(c.parameters(), lr=0.1, momentum=beta), 30)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q)
+    assert any(not torch.allclose(p, q) for p, q in zip(b.parameters(), c.parameters()))
+    assert opt.diagnostics()["lr_eff"] == pytest.approx(0.1 * math.sqrt(1 - beta ** 2))
+
+
+def test_lr_rule_is_validated_naming_the_rules():
+    p = torch.zeros(2, requires_grad=True)
+    with pytest.raises(ValueError, match="Invalid lr_rule: 'energetic' \\(must be one of 'fixed', 'motion', 'energy'\\)"):
+        GreedySGD([p], lr_rule="energetic")
+
+
 @pytest.mark.parametrize("decoupled", [False, True])
 def test_fixed_momentum_is_torch_adam(decoupled):
     a, loss_fn = mlp_problem()
@@ -356,11 +377,11 @@ def test_sweep_then_comparison_table_and_momentum_plot(tmp_path, data_dir):
 
 
 def _fake_run(root: Path, task: str, family: str, fixed, seed: int, val: float, train_losses: list[float],
-              energy: bool = False):
-    run = root / f"{task}-{family}-{fixed}-{seed}-{energy}"
+              energy: bool = False, lr_rule: str | None = None):
+    run = root / f"{task}-{family}-{fixed}-{seed}-{energy}-{lr_rule}"
     (run / ".hydra").mkdir(parents=True)
     steps = len(train_losses)
-    extra = ", energy_matched_lr: true" if energy else ""
+    extra = (", energy_matched_lr: true" if energy else "") + (f", lr_rule: {lr_rule}" if lr_rule else "")
     (run / ".hydra" / "config.yaml").write_text(
         f"task: {{_target_: metaopt.tasks.{task}}}\n"
         f"optimizer: {{_target_: metaopt.optim.{family}, lr: 0.1, fixed_momentum: {fixed}{extra}}}\n"
@@ -400,6 +421,20 @@ def test_comparison_keeps_energy_matched_runs_apart_from_plain_greedy_and_fixed_
     energy = rows["greedy+energy"]["final"]
     assert energy["greedy"] == 2.05 and energy["best_fixed"] == 2.0 and energy["within_5pct"]
     assert "| TwoMoons | Adam (greedy+energy) | 0.1 | final |" in markdown(list(rows.values()))
+
+
+def test_comparison_gives_greedy_sgd_lr_rules_their_own_rows(tmp_path):
+    """lr_rule=energy and lr_rule=motion runs are neither the plain greedy run nor fixed-β baselines."""
+    from metaopt.experiments.greedy_compare import collect, compare
+
+    _fake_run(tmp_path, "TwoMoons", "GreedySGD", "null", 0, 3.0, [1.0] * 10, lr_rule="fixed")
+    _fake_run(tmp_path, "TwoMoons", "GreedySGD", "null", 0, 4.0, [1.0] * 10, lr_rule="energy")
+    _fake_run(tmp_path, "TwoMoons", "GreedySGD", "null", 0, 5.0, [1.0] * 10, lr_rule="motion")
+    _fake_run(tmp_path, "TwoMoons", "GreedySGD", 0.5, 0, 2.0, [1.0] * 10)
+    _fake_run(tmp_path, "TwoMoons", "GreedySGD", 0.5, 0, 0.1, [1.0] * 10, lr_rule="energy")
+    rows = {r["greedy_variant"]: r["final"] for r in compare(collect([tmp_path], tail=0.2))}
+    assert {k: v["greedy"] for k, v in rows.items()} == {"greedy": 3.0, "greedy+energy": 4.0, "greedy+motion": 5.0}
+    assert {v["best_fixed"] for v in rows.values()} == {2.0}
 
 
 @pytest.mark.slow

@@ -20,9 +20,10 @@ each averaged over seeds:
 training loss far lower while the validation loss rises (it fits the training set), so the best β
 by training loss and by validation loss differ and no single run can match both.
 
-Greedy runs with GreedyAdam's ``energy_matched_lr=true`` (our variant) are a second greedy variant,
-``greedy+energy``, compared with the same fixed-β runs; fixed-β runs with it on are their own variants
-(``β+energy``) and are not candidates for the best fixed β. Sweeps can be combined: pass the sweep of
+Greedy runs with GreedyAdam's ``energy_matched_lr=true`` or GreedySGD's ``lr_rule=energy`` (our
+variants) are a second greedy variant, ``greedy+energy`` (GreedySGD's ``lr_rule=motion``:
+``greedy+motion``), compared with the same fixed-β runs; fixed-β runs with one on are their own
+variants (``β+energy``) and are not candidates for the best fixed β. Sweeps can be combined: pass the sweep of
 the variant and the fixed-β sweep together.
 
 Writes ``greedy_table.md``, ``greedy_results.json`` and ``greedy_momentum.png`` (the β chosen over
@@ -67,11 +68,11 @@ def load_run(run_dir: Path, tail: float) -> dict[str, Any] | None:
     steps = int(cfg["trainer"]["steps"])
     tail_losses = [r["train/loss"] for r in records if r["step"] > (1.0 - tail) * steps]
     fixed = cfg["optimizer"].get("fixed_momentum")
-    energy = bool(cfg["optimizer"].get("energy_matched_lr", False))
+    rule = _lr_rule(cfg["optimizer"])
     if fixed is None:
-        variant: Any = "greedy+energy" if energy else "greedy"
+        variant: Any = f"greedy+{rule}" if rule else "greedy"
     else:
-        variant = f"{float(fixed):g}+energy" if energy else float(fixed)
+        variant = f"{float(fixed):g}+{rule}" if rule else float(fixed)
     task = str(cfg["task"]["_target_"]).rsplit(".", 1)[-1]
     val = float(summary.get("objective", math.inf)) if ok else math.inf
     train_tail = statistics.fmean(tail_losses) if ok and tail_losses else math.inf
@@ -101,7 +102,16 @@ def collect(sweeps: Iterable[Path], tail: float) -> list[dict[str, Any]]:
     return runs
 
 
-GREEDY_VARIANTS = ("greedy", "greedy+energy")
+GREEDY_VARIANTS = ("greedy", "greedy+energy", "greedy+motion")
+
+
+def _lr_rule(optimizer: dict[str, Any]) -> str | None:
+    """The learning-rate rule that sets a run apart from the plain optimizer: ``energy``
+    (GreedyAdam's ``energy_matched_lr``, GreedySGD's ``lr_rule=energy``), ``motion``, or None."""
+    if optimizer.get("energy_matched_lr", False):
+        return "energy"
+    rule = optimizer.get("lr_rule") or "fixed"
+    return None if rule == "fixed" else str(rule)
 
 
 def compare(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
