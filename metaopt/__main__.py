@@ -10,7 +10,7 @@ import hydra
 from omegaconf import DictConfig
 
 from metaopt.config import config_dir
-from metaopt.errors import MetaoptError
+from metaopt.errors import MetaoptError, describe
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
@@ -38,10 +38,19 @@ def _hydra_main(cfg: DictConfig) -> float:
         _log_to_files(str(exc))
         print(f"metaopt: error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except Exception as exc:
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            raise
+        # A crash ends this job, not the sweep: its traceback goes to the job's log (and the
+        # terminal), it is listed with the other failures when the sweep ends, and the command
+        # exits 1. Re-raised, Hydra would print only the first crash, after every job had run.
+        # (A SLURM requeue is a SystemExit and passes through.)
+        logging.getLogger("metaopt").exception("job crashed: %s", describe(exc))
+        _record_failure(HydraConfig.get().runtime.output_dir, exc)
+        return math.inf
 
 
 def _record_failure(run_dir: str, exc: BaseException) -> None:
-    from metaopt.errors import describe
     from metaopt.runfiles import RunFiles
 
     files = RunFiles(run_dir)

@@ -89,6 +89,27 @@ def test_multirun_goes_on_past_a_diverged_and_a_failed_job(tmp_path, data_dir):
     assert "job 1 (task=rosenbrock optimizer=sgd optimizer.lr=-1" in proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
+def test_a_crashing_job_is_listed_with_its_traceback_in_its_log_and_the_sweep_goes_on(tmp_path, data_dir):
+    (tmp_path / "crashing.py").write_text(  # `python -m` puts the working directory on sys.path
+        "import torch\n\nclass SGD(torch.optim.SGD):\n    def step(self, closure=None):\n"
+        "        raise RuntimeError('a bug in step')\n")
+    proc = metaopt("-m", "task=rosenbrock", "optimizer=sgd", "optimizer.lr=0.001",
+                   "optimizer._target_=crashing.SGD,torch.optim.SGD", "logger=none", *TINY,
+                   cwd=tmp_path, data_dir=data_dir)
+    (sweep,) = (tmp_path / "outputs" / "multirun").glob("*/*")
+    statuses = {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/summary.json")}
+    assert {k: v["status"] for k, v in statuses.items()} == {"0": "failed", "1": "completed"}, proc.stderr
+    assert statuses["0"]["error"] == "RuntimeError: a bug in step"
+    assert "RuntimeError: a bug in step" in (sweep / "0" / "metaopt.log").read_text().split("Traceback", 1)[1]
+    manifest = json.loads((sweep / "manifest.json").read_text())
+    assert [j["status"] for j in manifest["jobs"]] == ["failed", "completed"]
+    assert proc.returncode == 1
+    listed = "job 0 (task=rosenbrock optimizer=sgd optimizer.lr=0.001 optimizer._target_=crashing.SGD"
+    assert listed in proc.stdout + proc.stderr
+    assert proc.stderr.splitlines()[-1] == f"metaopt: 1 of 2 jobs failed; see {sweep.resolve()}/manifest.json"
+
+
 def test_ctrl_c_in_a_sweep_checkpoints_and_records_the_job_as_interrupted(tmp_path, data_dir):
     env = {**os.environ, "WANDB_MODE": "offline", "METAOPT_DATA_DIR": data_dir}
     sweep = tmp_path / "sweep"
