@@ -188,7 +188,7 @@ def check_keys(argv: list[str]) -> str | None:
                 values = list(override.sweep_string_iterator())
             except Exception:  # noqa: BLE001 - glob(), range() of options: not judged here
                 return None
-            if not override.is_add() and not override.is_force_add() and name in groups:
+            if name.split("/", 1)[0] in groups:  # a group option (selected or added): each one
                 choices.append([f"{prefix}{name}={v}" for v in values])
             else:  # an added key's value does not change which keys exist
                 choices.append([f"{prefix}{name}={values[0]}"])

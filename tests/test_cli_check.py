@@ -95,6 +95,8 @@ def test_importing_it_imports_neither_torch_nor_hydra():
     (["-m", "optimizer=adam,pal", "optimizer.betas=[0.9,0.99]", "seed=0,1"],
      "optimizer.betas: no such key; keys of optimizer (optimizer=pal): _target_, _partial_, measuring_step, "),
     (["task=two_moons", "task.nosuch.deeper=1"], "task.nosuch: no such key; keys of task (task=two_moons): "),
+    (["-m", "experiment=greedy_mnist1d,pal_mnist1d", "optimizer.horizon=30"],
+     "optimizer.horizon: no such key; keys of optimizer (optimizer=pal): "),
 ])
 def test_misspelled_key_is_one_line_naming_the_closest_key_and_the_keys(argv, start):
     message = check_keys(argv)
