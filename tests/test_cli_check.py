@@ -139,6 +139,7 @@ def test_a_misspelled_key_on_the_command_line_exits_2_with_one_stderr_line(tmp_p
 def test_help_lists_only_groups_a_run_can_select():
     out = subprocess.run([sys.executable, "-m", "metaopt", "--help"], capture_output=True, text=True,
                          timeout=120, check=True).stdout
+    assert out.startswith("metaopt: optimizer meta-learning experiments") and "hydra/launcher=slurm" in out
     listed = out.split("== Configuration groups ==", 1)[1].split("== Config ==", 1)[0]
     groups = {line.split(":", 1)[0] for line in listed.splitlines()[2:] if ": " in line}
     # pal_compare is selected through experiment=pal_* (its defaults list), not the root's.
