@@ -371,8 +371,13 @@ class LODO(torch.optim.Optimizer):
       contribute to the meta-gradient (their gradient counts as zero) in that step.
     * Non-finite gradients are not filtered: like Adam's moments, φ would then become NaN.
     * The meta-optimizer is ``torch.optim.Adam`` (ε = 1e-8 added after bias correction); the
-      reference uses Keras' Adam (ε = 1e-7 added to the uncorrected √v, about 3e-6 at its first
-      step). The two differ only when meta-gradients are that small; the effect is not measured.
+      reference uses Keras' Adam (ε = 1e-7 added to the uncorrected √v: 3.2e-6 on the corrected
+      one at step 1, 3e-7 at step 100, 1e-7 from step ~2000). Measured with torch's ε set to
+      1e-8 / 1e-7 / 3.2e-6 (3 seeds each): the noisy quadratic (20k steps) tracks at 44.76 for all
+      three (equal to 4 digits); MNIST-1D's MLP (2000 steps) ends at a training loss of 0.00245 /
+      0.00248 / 0.00315 and a validation loss of 3.03 / 3.15 / 2.75 (seed spread ±0.1; it overfits).
+      So the departure is within seed noise at the reference's late value and worth at most the
+      last column's change at its first-step value.
     * The diagonal ablation is unconstrained ``diag(φ)``, as in the reference code, so it is not
       guaranteed to stay positive semi-definite. (The reference's "global" ablation is wired to
       the diagonal class; it is not offered here.)
