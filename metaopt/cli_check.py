@@ -29,7 +29,7 @@ _CONFIG_FLAGS = ("--config-path", "-cp", "--config-name", "-cn", "--config-dir",
 # Arguments after which Hydra does not compose the job's config the usual way.
 _NO_RUN_FLAGS = ("-h", "--help", "--hydra-help", "-sc", "--shell-completion", "--experimental-rerun")
 # A sweep over group options is checked option by option up to this many combinations; a larger
-# one is left to Hydra rather than composed that many times before the first job starts.
+# one only for its first job rather than composed that many times before the first job starts.
 _MAX_COMBINATIONS = 16
 
 
@@ -110,6 +110,12 @@ def check_overrides(argv: list[str]) -> str | None:
     return None
 
 
+def _is_flag(arg: str, flags: tuple[str, ...]) -> bool:
+    """``arg`` is one of ``flags``, or an abbreviation argparse would expand to one (``--config-d``)."""
+    return arg in flags or (arg.startswith("--") and len(arg) > 3
+                            and any(f.startswith("--") and f.startswith(arg) for f in flags))
+
+
 def _top_level_dirs() -> set[str]:
     return {p.name for p in config_dir().iterdir() if p.is_dir()}
 
@@ -134,12 +140,27 @@ def _missing_key(cfg: Any, key: str) -> tuple[str, str, list[str]] | None:
     return None
 
 
-def unknown_key(key: str, missing: str, parent: str, keys: list[str], choice: str | None) -> str:
-    """``key: no such key (did you mean 'x'?); keys of parent: a, b, ...; +key=... adds one``."""
-    close = difflib.get_close_matches(missing.rsplit(".", 1)[-1], keys, n=1)
-    hint = f" (did you mean {'.'.join([parent, close[0]]).lstrip('.')!r}?)" if close else ""
-    where = f"keys of {parent}" + (f" ({parent}={choice})" if choice else "") if parent else "top-level keys"
-    return f"{missing}: no such key{hint}; {where}: {', '.join(keys)}; +{key}=... adds one"
+def unknown_key(key: str, missing: str, parent: str, keys: list[str], choice: str | None,
+                groups: list[str] = ()) -> str:
+    """``key: no such key (did you mean 'x'?); keys of parent: a, b, ...``, one line.
+
+    A top-level name is also matched against the config groups (``experimnt=...`` means
+    ``experiment=...``). Only when nothing is close does the message add that ``+key=...`` adds a
+    new key: after a typo that advice would run the default config with a junk key.
+    """
+    name = missing.rsplit(".", 1)[-1]
+    group = difflib.get_close_matches(name, groups, n=1) if missing == key and "." not in key else []
+    close = difflib.get_close_matches(name, keys, n=1)
+    if group and (not close or difflib.SequenceMatcher(None, name, group[0]).ratio()
+                  >= difflib.SequenceMatcher(None, name, close[0]).ratio()):
+        hint = f" (did you mean the group {group[0]!r}?)"
+    elif close:
+        hint = f" (did you mean {'.'.join([parent, close[0]]).lstrip('.')!r}?)"
+    else:
+        hint = ""
+    where = f"keys of {parent}" + (f" ({choice})" if choice else "") if parent else "top-level keys"
+    listing = f"{where}: {', '.join(keys)}" + (f"; groups: {', '.join(groups)}" if not parent and groups else "")
+    return f"{missing}: no such key{hint}; {listing}" + ("" if hint else f"; +{key}=... adds one")
 
 
 def check_keys(argv: list[str]) -> str | None:
@@ -148,10 +169,11 @@ def check_keys(argv: list[str]) -> str | None:
     Looks at plain ``key=value`` arguments (not ``+``/``++``, which add keys, nor ``hydra...``).
     The config is composed with the other arguments, once per combination of swept group
     options (``-m optimizer=adam,pal``), so a key that one swept option lacks is named with that
-    option. ``None`` when nothing is wrong or the arguments are past what this check judges
-    (another config tree, globs over options, a large sweep, a list index): Hydra judges those.
+    option (a sweep of more than ``_MAX_COMBINATIONS`` jobs: its first job only). ``None`` when
+    nothing is wrong or the arguments are past what this check judges (another config tree, globs
+    over options, a list index): Hydra judges those.
     """
-    if any(a.split("=", 1)[0] in _CONFIG_FLAGS + _NO_RUN_FLAGS for a in argv):
+    if any(_is_flag(a.split("=", 1)[0], _CONFIG_FLAGS + _NO_RUN_FLAGS) for a in argv):
         return None
     if any(a.lstrip("+").startswith("hydra.searchpath") for a in argv):
         return None
@@ -198,7 +220,9 @@ def check_keys(argv: list[str]) -> str | None:
         return None
     combinations = list(itertools.product(*choices))
     if len(combinations) > _MAX_COMBINATIONS:
-        return None
+        combinations = combinations[:1]  # a key missing from the first job is missing, whatever the rest
+    swept = {c[0].lstrip("+").split("=", 1)[0] for c in choices if len(c) > 1}
+    group_names = sorted(g for g in groups if g != "hydra")
     try:
         with initialize_config_dir(str(config_dir()), version_base="1.3"):
             for combination in combinations:
@@ -208,8 +232,11 @@ def check_keys(argv: list[str]) -> str | None:
                     missing = _missing_key(cfg, key)
                     if missing is not None:
                         path, parent, names = missing
-                        choice = picked.get(parent) if parent in picked else None
-                        return unknown_key(key, path, parent, names, choice)
+                        # The option the parent comes from, and which swept options this job has.
+                        owner = parent.split(".", 1)[0]
+                        shown = [f"{g}={picked[g]}" for g in ([owner] if owner in picked else [])]
+                        shown += [f"{g}={picked[g]}" for g in sorted(swept) if g in picked and g != owner]
+                        return unknown_key(key, path, parent, names, ", ".join(shown) or None, group_names)
     except Exception:  # noqa: BLE001 - any other composition error: Hydra reports it
         return None
     return None

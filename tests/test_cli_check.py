@@ -96,13 +96,22 @@ def test_importing_it_imports_neither_torch_nor_hydra():
      "optimizer.betas: no such key; keys of optimizer (optimizer=pal): _target_, _partial_, measuring_step, "),
     (["task=two_moons", "task.nosuch.deeper=1"], "task.nosuch: no such key; keys of task (task=two_moons): "),
     (["-m", "experiment=greedy_mnist1d,pal_mnist1d", "optimizer.horizon=30"],
-     "optimizer.horizon: no such key; keys of optimizer (optimizer=pal): "),
+     "optimizer.horizon: no such key; keys of optimizer (optimizer=pal, experiment=pal_mnist1d): "),
+    # A nested key names the option of the group it lies under.
+    (["-m", "meta=pes,es", "optimizer=learned_rnn", "task=linreg", "meta.estimator.stagger=false"],
+     "meta.estimator.stagger: no such key; keys of meta.estimator (meta=es): _target_, sigma"),
+    # A misspelled group is pointed at the group, with no advice to add the typo as a key.
+    (["experimnt=greedy_mnist1d"], "experimnt: no such key (did you mean the group 'experiment'?); top-level keys: "),
+    (["-m", "tasks=two_moons,linreg"], "tasks: no such key (did you mean the group 'task'?); "),
 ])
 def test_misspelled_key_is_one_line_naming_the_closest_key_and_the_keys(argv, start):
     message = check_keys(argv)
     assert message is not None and "\n" not in message
     assert message.startswith(start), message
-    assert message.endswith("=... adds one")
+    # "+key=... adds one" only when nothing close was found: after a typo it would run a junk key.
+    assert message.endswith("=... adds one") == ("did you mean" not in message)
+    if "experimnt" in argv[0]:
+        assert message.endswith("groups: analysis, experiment, logger, meta, optimizer, pal_compare, scheduler, task")
 
 
 @pytest.mark.parametrize("argv", [
@@ -113,6 +122,7 @@ def test_misspelled_key_is_one_line_naming_the_closest_key_and_the_keys(argv, st
     ["hydra.job.chdir=true", "hydra.nosuch=1", "hydra/launcher=slurm"],
     ["optimizer.betas.0=0.8"],  # a list index: Hydra judges
     ["optimizer.lrr=0.1", "--cfg", "job", "-cd", "/elsewhere"], ["optimizer.lrr=1", "--help"],
+    ["optimizer.lrr=1", "--config-d", "/elsewhere"],  # argparse expands the abbreviation
     ["-m", "optimizer=glob(*)", "optimizer.lrr=1"],  # options from a glob: Hydra judges
     ["optimizer.lr=0.1", "optimizer=adamm"],  # composition fails: Hydra (or check_overrides) reports it
 ])
@@ -120,11 +130,11 @@ def test_existing_added_or_unjudged_keys_give_none(argv):
     assert check_keys(argv) is None
 
 
-def test_a_sweep_too_large_to_compose_option_by_option_is_left_to_hydra():
-    argv = ["-m", "optimizer=adam,sgd,pal", "task=mnist1d,two_moons,linreg", "scheduler=constant,cosine",
-            "optimizer.lrr=1"]
-    assert check_keys(argv) is None  # 18 combinations
-    assert check_keys(argv[:2] + argv[3:]) is not None
+def test_a_sweep_too_large_to_compose_option_by_option_is_checked_on_its_first_job():
+    sweep = ["-m", "optimizer=adam,sgd,pal", "task=mnist1d,two_moons,linreg", "scheduler=constant,cosine"]
+    assert check_keys([*sweep, "sed=1"]).startswith("sed: no such key (did you mean 'seed'?)")  # 18 jobs
+    assert check_keys([*sweep, "optimizer.betas=[0.9,0.99]"]) is None  # adam has it: pal's jobs are Hydra's
+    assert check_keys([*sweep[:3], "optimizer.betas=[0.9,0.99]"]).startswith("optimizer.betas: no such key")
 
 
 def test_a_misspelled_key_on_the_command_line_exits_2_with_one_stderr_line(tmp_path):

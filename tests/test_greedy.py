@@ -75,6 +75,15 @@ def test_energy_lr_rule_is_torch_sgd_at_the_scaled_lr(beta):
     assert opt.diagnostics()["lr_eff"] == pytest.approx(0.1 * math.sqrt(1 - beta ** 2))
 
 
+def test_energy_lr_rule_scales_the_lr_before_any_usable_statistics():
+    """A tensor whose gradients carry no signal yet (zero) keeps the initial scale: it must be the
+    energy rule's for the β in use, not 1."""
+    p = torch.zeros(3, requires_grad=True)
+    opt = GreedySGD([p], lr=0.1, fixed_momentum=0.6, lr_rule="energy")
+    feed(opt, [p], [torch.zeros(3)])
+    assert opt.state[p]["lr_scale"] == pytest.approx(0.8)
+
+
 def test_lr_rule_is_validated_naming_the_rules():
     p = torch.zeros(2, requires_grad=True)
     with pytest.raises(ValueError, match="Invalid lr_rule: 'energetic' \\(must be one of 'fixed', 'motion', 'energy'\\)"):

@@ -245,7 +245,7 @@ class _GreedyMomentum(torch.optim.Optimizer):
             hp = self.param_groups[0]
             fixed = hp["fixed_momentum"]
             state["momentum"] = float(hp["min_momentum"] if fixed is None else fixed)
-            state["lr_scale"] = 1.0
+            state["lr_scale"] = float(self._lr_scales(np.zeros((1, 1)), np.array([state["momentum"]]), None)[0])
         return state
 
     def _accumulate(self, params: list[Tensor], grads: list[Tensor | None],
@@ -373,8 +373,9 @@ class _GreedyMomentum(torch.optim.Optimizer):
             info[f"acf_{k}"] = total[k] / total[0] if k < live and total[0] > 0 else math.nan
         glob["solve"] = info
 
-    def _lr_scales(self, r: np.ndarray, betas: np.ndarray, tail: tuple[np.ndarray, np.ndarray]
+    def _lr_scales(self, r: np.ndarray, betas: np.ndarray, tail: tuple[np.ndarray, np.ndarray] | None
                    ) -> np.ndarray:
+        """The lr factor of each block at momenta ``betas``; ``tail`` None before any statistics."""
         del r, tail
         return np.ones_like(betas)
 
@@ -537,13 +538,13 @@ class GreedySGD(_GreedyMomentum):
         if hp["lr_rule"] not in _LR_RULES:
             raise ValueError(f"Invalid lr_rule: {hp['lr_rule']!r} (must be one of {', '.join(map(repr, _LR_RULES))})")
 
-    def _lr_scales(self, r: np.ndarray, betas: np.ndarray, tail: tuple[np.ndarray, np.ndarray]
+    def _lr_scales(self, r: np.ndarray, betas: np.ndarray, tail: tuple[np.ndarray, np.ndarray] | None
                    ) -> np.ndarray:
         rule = self.param_groups[0]["lr_rule"]
-        if rule == "fixed":
-            return np.ones_like(betas)
         if rule == "energy":
             return np.sqrt(1.0 - betas ** 2)
+        if rule == "fixed" or tail is None:  # no statistics yet (a tensor's first step): the lr as given
+            return np.ones_like(betas)
         return momentum_learning_rate(r, betas[:, None], 1.0, tail)[:, 0]
 
     def _extra_diagnostics(self) -> dict[str, Any]:
