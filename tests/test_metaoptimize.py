@@ -727,3 +727,25 @@ def test_state_bytes_count_flat_buffers_whole(base, per_param):
         opt.step()
     n = sum(p.numel() for p in model.parameters())
     assert optimizer_state_bytes(opt) / n == pytest.approx(per_param, abs=0.1)
+
+
+def test_float16_parameters_are_refused_with_the_alternatives():
+    """The trace's scaled storage overflows float16 silently (β then stops learning): refused up front."""
+    with pytest.raises(ValueError, match="float16 is not supported.*autocast.*bfloat16"):
+        MetaOptimize([torch.zeros(3, dtype=torch.float16, requires_grad=True)])
+    opt = MetaOptimize([torch.zeros(3, requires_grad=True)])
+    with pytest.raises(ValueError, match="float16"):
+        opt.add_param_group({"params": [torch.zeros(2, dtype=torch.float16, requires_grad=True)]})
+    assert len(opt.param_groups) == 1
+    MetaOptimize([torch.zeros(3, dtype=torch.bfloat16, requires_grad=True)])  # bfloat16 has float32's range
+
+
+def test_diagnostics_survive_a_step_size_that_underflows_to_zero():
+    """β below −745 makes exp(β) exactly 0.0; diagnostics report the stored β instead of log(0)."""
+    p = torch.ones(3, requires_grad=True)
+    opt = MetaOptimize([p], base="sgd", meta="lion")
+    p.grad = torch.ones(3)
+    opt.step()
+    opt.state[p]["beta"], opt.state[p]["alpha"] = -1000.0, math.exp(-1000.0)
+    d = opt.diagnostics()
+    assert d["beta"] == -1000.0 and d["alpha"] == 0.0

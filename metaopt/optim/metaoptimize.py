@@ -436,7 +436,9 @@ class MetaOptimize(torch.optim.Optimizer):
     ``∂θ_{t+1}/∂θ_t``, which is the paper's low-complexity approximation and what the authors'
     code computes (``cifar10/Optimizers/HF.py`` in sabersalehk/MetaOptimize). The recursions here
     are derived that way; the step at time t uses ``α_t = exp(β_t)`` and the meta step then sets
-    ``β_{t+1}`` for the next step, the order of the authors' code.
+    ``β_{t+1}`` for the next step, the order of the authors' PyTorch code (``HF.py`` and the
+    AdamW+Lion file). Their JAX file updates β first and steps θ and h with the new α: a one-step
+    lag of β, i.e. a factor of at most ``e^{meta_lr}`` on any step's α.
 
     Base optimizers (``base``), each with decoupled weight decay ``λ`` (``weight_decay``):
 
@@ -498,8 +500,12 @@ class MetaOptimize(torch.optim.Optimizer):
     Warning: where the code departs from the paper and the authors' code:
 
     * the base optimizers are torch.optim's (Adam's momentum is ``lerp``'d and bias-corrected,
-      RMSProp has no bias correction, SGDm's buffer is ``μb + g``); the authors' code uses
-      ``(1 − ρ)``-weighted momenta and a bias-corrected RMSProp, which rescale α;
+      RMSProp has no bias correction, SGDm's buffer is ``μb + g`` and steps with g_t included).
+      The authors' code differs and so rescales α: ``HF.py``'s Adam sums its momentum
+      (``m ← β₁m + g``, no first-moment bias correction, ε = 1e-10 inside the root: about
+      ``1/(1 − β₁)`` = 10× this Adam's step at the same α), its SGDm steps with the buffer from
+      before g_t is added, and its RMSProp is bias-corrected. So α values of the paper's runs are
+      not alpha0 values here;
     * by default the trace uses the base step itself (``θ_t − θ_{t+1}``, weight decay
       included), as the paper and the authors' ``HF.py``; their AdamW+Lion file puts
       ``α·g/(√v̂ + ε)`` (gradient, not momentum) in the trace and leaves ``αλθ`` out, which is
@@ -507,7 +513,9 @@ class MetaOptimize(torch.optim.Optimizer):
       are not equivalent: on LODO's noisy quadratic the step trace settles α near 0.55, the
       gradient trace near 1.1 (best constant Adam lr: 3);
     * the meta-optimizers are the textbook ones on the scalar z (the authors' meta-Adam sums
-      rather than averages its momentum); there is no meta weight decay on β;
+      rather than averages its momentum; the AdamW+Lion file's meta-Lion updates its momentum
+      before interpolating, ``c = 0.9(0.99m + 0.01z) + 0.1z``, where textbook Lion and ``HF.py``
+      interpolate with the old momentum); there is no meta weight decay on β;
     * meta-gradients that are NaN or infinite leave β unchanged (counted in diagnostics);
     * with several blocks the trace keeps, per coordinate, only the derivative with respect to
       its own block's β (exact for one block; the cross-block terms need a trace per block).
@@ -585,7 +593,6 @@ class MetaOptimize(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self._ready = True
         self._check_layout()
-        self._last: dict[str, Any] = {}
 
     # ---- parameter groups and blocks ------------------------------------------------------
 
@@ -593,6 +600,12 @@ class MetaOptimize(torch.optim.Optimizer):
         with rejected_group_removed(self):
             super().add_param_group(param_group)
             group = self.param_groups[-1]
+            if any(p.dtype == torch.float16 for p in group["params"]):
+                # The trace is stored as scale × tensor with the scale folded in only below 1e-6,
+                # so the tensor reaches 1e6·|h|: past float16's 65504 once |h| > 0.07, after which
+                # z is inf and β stops learning.
+                raise ValueError("Invalid parameters: float16 is not supported (the trace overflows "
+                                 "its range); keep float32 parameters under torch.autocast, or use bfloat16")
             group.update(_resolve(group))
             self._check_groups_agree()
             if getattr(self, "_ready", False):
@@ -796,7 +809,9 @@ class MetaOptimize(torch.optim.Optimizer):
         blocks = self._layout()
         alphas = self.alphas()
         grads = [float(self.state.get(b[0][0], {}).get("last_meta_grad", 0.0)) for b in blocks]
-        betas = [math.log(a) for a in alphas]
+        # The stored β, not log α: α underflows to 0.0 once β < −745, and log(0) would raise.
+        betas = [float(self.state.get(b[0][0], {}).get("beta", math.log(float(b[0][1]["alpha0"]))))
+                 for b in blocks]
         mean_beta = sum(betas) / len(betas)
         states = [self.state[p] for b in blocks for p, _ in b if "trace" in self.state.get(p, {})]
         squares = _host_floats([torch.sum(st["trace"] * st["trace"]) for st in states])
@@ -856,8 +871,9 @@ class MetaOptimizeFull(MetaOptimize):
       step, and its side effects (BatchNorm statistics) happen twice.
 
     Warning: the paper computes ``H_t h_t`` exactly; the finite difference is exact only for
-    quadratic losses and otherwise carries an O(ε) error. No HVP is evaluated while ``h = 0``
-    (the first step).
+    quadratic losses and otherwise carries an O(ε) error. With the closure, no HVP is evaluated
+    while ``h = 0`` (the first step); the ``create_graph`` path differentiates along the zero
+    trace then too.
     """
 
     requires_closure = True
