@@ -17,7 +17,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 from metaopt.config import config_dir
-from metaopt.greedy import LagAutocorrelation, ar1_autocorrelation, ar1_optimal_momentum, ar1_stream
+from metaopt.greedy import (LagAutocorrelation, ar1_autocorrelation, ar1_optimal_momentum, ar1_stream,
+                            momentum_learning_rate)
 from metaopt.optim import GreedyAdam, GreedySGD
 from metaopt.train import train
 
@@ -157,6 +158,49 @@ def test_changing_beta1_keeps_adams_bias_correction_exact():
         weights.append(c)
     torch.testing.assert_close(opt.state[p]["exp_avg"] / opt.state[p]["avg_weight"], m / c)
     assert opt.state[p]["avg_weight"] == pytest.approx(weights[-1])
+
+
+@pytest.mark.parametrize("cls", [GreedySGD])
+def test_bfloat16_parameters_get_the_statistics_of_float32(cls):
+    """The EMAs are kept in at least float32: in bfloat16 a 1/horizon increment is mostly rounded away.
+    (GreedyAdam's probe P·g uses Adam's v, kept in the parameters' dtype as torch.optim.Adam keeps
+    it: in bfloat16 that state, not the statistics, differs from float32's.)"""
+    stream = ar1_stream(0.9, 1.0, 0.0, 1500, 64, torch.Generator().manual_seed(6))
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        p = torch.zeros(64, dtype=dtype, requires_grad=True)
+        opt = cls([p], lr=0.0, horizon=100.0)
+        for g in stream:
+            feed(opt, [p], [g])
+        out[dtype] = opt.diagnostics()
+    # bfloat16 gradients themselves are rounded (8 bits): agreement to that, not to float32.
+    assert out[torch.bfloat16]["r0"] == pytest.approx(out[torch.float32]["r0"], rel=0.02)
+    assert out[torch.bfloat16]["momentum"] == pytest.approx(out[torch.float32]["momentum"], abs=0.01)
+
+
+@pytest.mark.parametrize("cls", [GreedySGD, GreedyAdam])
+def test_a_horizon_of_one_step_uses_the_last_products(cls):
+    p = torch.zeros(4, requires_grad=True)
+    opt = cls([p], lr=0.0, horizon=1.0, lags=2)
+    for g in ([1.0, 2.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [2.0, 1.0, 0.0, 0.0]):
+        feed(opt, [p], [torch.tensor(g)])
+    d = opt.diagnostics()
+    if cls is GreedySGD:  # r0 = ‖g_3‖² = 5, r1 = ⟨g_3, g_2⟩ = 2, r2 = ⟨g_3, g_1⟩ = 4
+        assert d["r0"] == pytest.approx(5.0) and d["acf_1"] == pytest.approx(0.4) and d["acf_2"] == pytest.approx(0.8)
+    assert math.isfinite(d["momentum"])
+
+
+def test_motion_rule_keeps_a_finite_lr_when_the_truncated_energy_is_not_positive():
+    """An oscillating stream (ρ = −0.95) at β held at 0.99 gives Ê‖m‖² ≤ 0 from K = 7 lags: no lr of
+    1e153 (θ became inf), the last scale is kept."""
+    assert math.isnan(float(momentum_learning_rate([1.0, -0.9], 0.9)))
+    stream = ar1_stream(-0.95, 4.0, 0.0, 400, 16, torch.Generator().manual_seed(7))
+    p = torch.zeros(16, requires_grad=True)
+    opt = GreedySGD([p], lr=0.01, lags=7, lr_rule="motion", fixed_momentum=0.99)
+    for g in stream:
+        feed(opt, [p], [g])
+    assert torch.isfinite(p).all() and math.isfinite(opt.diagnostics()["lr_eff"])
+    assert opt.diagnostics()["lr_eff"] < 1.0
 
 
 # ---- the online choice on streams with known statistics -------------------------------------

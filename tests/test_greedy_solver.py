@@ -322,3 +322,9 @@ def _trace_estimate(xs: torch.Tensor, lags: int) -> torch.Tensor:
     for x in xs:
         est.update(x)
     return est.value()
+
+
+def test_an_explicit_scalar_tail_gives_a_tail_ratio_per_block():
+    r = np.tile([1.0, 0.8, 0.6, 0.4, 0.3], (3, 1))
+    sol = optimal_momentum(r, tail=(0.5, 0.3))
+    assert sol.tail_ratio.shape == sol.momentum.shape == (3,)

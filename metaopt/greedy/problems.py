@@ -356,7 +356,8 @@ def optimal_momentum(
     best = np.where(np.isnan(values), -np.inf, values).argmax(-1)
     momentum = betas[rows, best].reshape(batch)
     objective = values[rows, best].reshape(batch)
-    ratio = np.asarray(tail[0], dtype=np.float64) if tail is not None else np.zeros(batch)
+    ratio = (np.broadcast_to(np.asarray(tail[0], dtype=np.float64), batch).copy() if tail is not None
+             else np.zeros(batch))
     return MomentumSolution(momentum=momentum, objective=objective, tail_ratio=ratio)
 
 
@@ -431,7 +432,10 @@ def momentum_learning_rate(r: ArrayLike, beta: ArrayLike, radius: float = 1.0,
 
     The loss-drop rate ``lr·S(β)`` is linear in ``lr``, so the budget is active:
     ``lr* = radius/√E‖m‖²`` (:func:`momentum_motion_energy`); at β = 0 this is normalised SGD.
+    NaN where the energy is not positive: autocorrelations truncated at lag K (an oscillating
+    stream at a large β) can give ``E‖m‖² ≤ 0``, which no learning rate answers.
     """
     radius = _check_radius(radius)
     energy = momentum_motion_energy(r, beta, tail)
-    return radius / np.sqrt(np.maximum(energy, np.finfo(np.float64).tiny))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(energy > 0, radius / np.sqrt(np.where(energy > 0, energy, 1.0)), np.nan)

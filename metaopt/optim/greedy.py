@@ -210,10 +210,11 @@ class _GreedyMomentum(torch.optim.Optimizer):
                                    "(its statistics concatenate their gradients)")
             blocks = len(params) if hp["per_block"] else 1
             glob["layout"] = layout
-            glob["lag_ring"] = torch.zeros(hp["lags"] + 1, sum(layout), dtype=first.dtype,
-                                           device=first.device)
-            glob["autocorr"] = torch.zeros(hp["lags"] + 1, blocks, dtype=first.dtype,
-                                           device=first.device)
+            # At least float32: in bfloat16 an EMA increment of w = 1/horizon is mostly rounded
+            # away (r₀ came out 17-47 % low and β biased high on an AR(1) stream).
+            dtype = torch.promote_types(first.dtype, torch.float32)
+            glob["lag_ring"] = torch.zeros(hp["lags"] + 1, sum(layout), dtype=dtype, device=first.device)
+            glob["autocorr"] = torch.zeros(hp["lags"] + 1, blocks, dtype=dtype, device=first.device)
             glob["samples"] = 0
         self._checked_glob = glob
         return glob
@@ -268,8 +269,8 @@ class _GreedyMomentum(torch.optim.Optimizer):
         if all(t is not None for t in grads):
             torch._foreach_copy_(row_parts, grads)
         else:
-            torch.cat([t.reshape(-1) if t is not None else p.new_zeros(p.numel())
-                       for t, p in zip(grads, params)], out=row)
+            row.copy_(torch.cat([t.reshape(-1) if t is not None else p.new_zeros(p.numel())
+                                 for t, p in zip(grads, params)]))
         if probes is None:
             probe = row
         elif all(t is not None for t in probes):
@@ -345,7 +346,8 @@ class _GreedyMomentum(torch.optim.Optimizer):
         if stats.dtype not in (torch.float32, torch.float64):  # numpy has no bfloat16
             stats = stats.double()
         ema = stats.cpu().numpy().T[:, ::-1][:, :live].astype(np.float64)  # lag order
-        r = ema / -np.expm1((samples - np.arange(live)) * math.log(decay))
+        # horizon 1 (decay 0): the EMA is the last product, already unbiased.
+        r = ema / -np.expm1((samples - np.arange(live)) * math.log(decay)) if decay > 0 else ema
         if not np.isfinite(r).all():
             return  # a non-finite gradient reached the statistics; keep the last solution
         tail = geometric_tail(r, max_ratio=hp["max_momentum"])
@@ -362,7 +364,9 @@ class _GreedyMomentum(torch.optim.Optimizer):
             j = i if per_block else 0
             if usable[j]:
                 state = self._param_state(p)
-                state["momentum"], state["lr_scale"] = betas_l[j], scales_l[j]
+                state["momentum"] = betas_l[j]
+                if math.isfinite(scales_l[j]):  # else the estimate has no valid scale: keep the last
+                    state["lr_scale"] = scales_l[j]
         glob["num_solves"] += 1
         total = r.sum(0).tolist()
         solved, ratios = sol.momentum.tolist(), sol.tail_ratio.tolist()
@@ -495,7 +499,10 @@ class GreedySGD(_GreedyMomentum):
         the sum over all tensors.
       lr_rule: ``"fixed"`` (lr as given) or ``"motion"``: the learning rate is re-solved with β as
         ``lr/√Ê‖m‖²`` (:func:`metaopt.greedy.momentum_learning_rate`), the greedy learning rate under
-        an expected-motion budget of ``lr`` per step (normalised SGD with momentum); or
+        an expected-motion budget of ``lr`` per step (normalised SGD with momentum; with
+        ``per_block`` the budget is per tensor, so the whole model moves about √(tensors)·lr).
+        Where the truncated statistics give ``Ê‖m‖² ≤ 0`` (an oscillating stream at a β held
+        above the free optimum) the last scale is kept; or
         ``"energy"`` (ours, like GreedyAdam's ``energy_matched_lr``): the lr is scaled by √(1−β²),
         so that the filter run is ``lr·√(1−β²)β^k``, the unit-energy filter the score ranks, at
         the energy of β = 0. On the noisy quadratic (lr 0.3, 5 seeds) it tracks at 49.0 against
@@ -508,7 +515,8 @@ class GreedySGD(_GreedyMomentum):
     Warning: a non-finite gradient enters the EMAs and stays there; solves are then skipped and
     the last β kept.
 
-    Memory: K + 2 tensors the size of the parameters (lag ring and momentum buffer).
+    Memory: K + 2 tensors the size of the parameters (lag ring, in at least float32, and
+    momentum buffer).
     """
 
     _shared_keys = ("lr_rule",)
@@ -632,7 +640,8 @@ class GreedyAdam(_GreedyMomentum):
         factor 1, so nothing changes (22.5 vs β₁ = 0.5 16.0; 103.5 vs 21.8); mnist1d val 1.566 vs
         1.564 (β₁ = 0, 5 seeds); two moons val 0.0968 vs 0.0919 (β₁ = 0.9, 3 seeds).
 
-    Memory: K + 3 tensors the size of the parameters (lag ring, m, v).
+    Memory: K + 4 tensors the size of the parameters (lag ring, m, v, and the preconditioned
+    gradient fed to the statistics), the ring and that buffer in at least float32.
     """
 
     _shared_keys = ("energy_matched_lr",)
