@@ -17,8 +17,13 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 from metaopt.config import config_dir
-from metaopt.greedy import (LagAutocorrelation, ar1_autocorrelation, ar1_optimal_momentum, ar1_stream,
-                            momentum_learning_rate)
+from metaopt.greedy import (
+    LagAutocorrelation,
+    ar1_autocorrelation,
+    ar1_optimal_momentum,
+    ar1_stream,
+    momentum_learning_rate,
+)
 from metaopt.optim import GreedyAdam, GreedySGD
 from metaopt.train import train
 
