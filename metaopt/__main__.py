@@ -51,7 +51,11 @@ def _hydra_main(cfg: DictConfig) -> float:
 
 
 def _record_failure(run_dir: str, exc: BaseException) -> None:
+    from metaopt.errors import RunDirInUse
     from metaopt.runfiles import RunFiles
+
+    if isinstance(exc, RunDirInUse):  # the directory and its summary are the other run's
+        return
 
     files = RunFiles(run_dir)
     summary = files.read_summary() or {}

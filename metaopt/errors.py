@@ -15,5 +15,9 @@ class ConfigError(MetaoptError, ValueError):
     """An invalid config value. The message starts with the config key, e.g. ``optimizer.lr: ...``."""
 
 
+class RunDirInUse(ConfigError):
+    """The run directory is held by another live run; nothing of this run was written there."""
+
+
 class DataNotFoundError(MetaoptError, FileNotFoundError):
     """A dataset is absent and cannot be downloaded; the message names the directory and a remedy."""

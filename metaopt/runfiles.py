@@ -10,6 +10,7 @@ import json
 import math
 import os
 import random
+import socket
 import tempfile
 import uuid
 from pathlib import Path
@@ -22,6 +23,8 @@ METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 CHECKPOINT = "checkpoint.pt"
 RUN_ID = "run_id.txt"
+# Held (flock) by the live run of a directory, with its pid@host inside.
+LOCK = ".lock"
 
 
 def _json_default(obj: Any) -> Any:
@@ -80,6 +83,40 @@ class RunFiles:
         self.summary_path = self.dir / SUMMARY
         self.checkpoint_path = self.dir / CHECKPOINT
         self._metrics = None
+        self._lock = None
+
+    def lock(self) -> None:
+        """Hold ``<dir>/.lock`` until :meth:`close`: a second live run in this directory is refused.
+
+        Two runs started in the same directory (the same second of a default run dir, or one dir
+        given twice) would otherwise interleave their metrics and overwrite each other's summary.
+        The lock is the kernel's (``flock``), so a killed or requeued run leaves none behind. Where
+        the filesystem has no flock, or the platform no fcntl, the run goes on unprotected.
+        """
+        from metaopt.errors import RunDirInUse
+
+        try:
+            import fcntl
+        except ImportError:
+            return
+        fh = open(self.dir / LOCK, "a+", encoding="utf-8")  # noqa: SIM115 - held for the run's life
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip()
+            fh.close()
+            raise RunDirInUse(f"hydra.run.dir: {self.dir} is in use by another run"
+                              + (f" ({holder})" if holder else "")
+                              + "; wait for it to end or choose a new run directory") from None
+        except OSError:
+            fh.close()
+            return
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        fh.flush()
+        self._lock = fh
 
     # metrics.jsonl -------------------------------------------------------------------------
     def truncate_metrics(self, after_step: int) -> None:
@@ -112,6 +149,9 @@ class RunFiles:
         if self._metrics is not None:
             self._metrics.close()
             self._metrics = None
+        if self._lock is not None:
+            self._lock.close()  # releases the flock
+            self._lock = None
 
     # summary.json -------------------------------------------------------------------------
     def write_summary(self, summary: dict[str, Any]) -> None:

@@ -380,6 +380,8 @@ class RunRecord:
         self.logger: Logger = NullLogger()
 
     def run(self, body: Callable[[], float]) -> float:
+        # Before the try: a directory held by another live run gets nothing written by this one.
+        self.files.lock()
         try:
             return body()
         except BaseException as exc:

@@ -164,6 +164,31 @@ def test_a_dir_holding_another_configs_run_is_refused_and_left_as_it_was(make_cf
     assert (tmp_path / "summary.json").read_text() == before  # the completed result is not overwritten
 
 
+def test_a_dir_held_by_a_live_run_is_refused_before_anything_is_written(make_cfg, tmp_path):
+    """Two runs in one dir (e.g. started in the same second) would interleave metrics.jsonl and
+    overwrite each other's summary: the second is refused while the first holds the dir's lock."""
+    import subprocess
+    import sys
+
+    from metaopt.errors import RunDirInUse
+
+    (tmp_path / "summary.json").write_text('{"status": "running"}\n')
+    holder = subprocess.Popen([sys.executable, "-c",  # another process, as a real second run would be
+                               "import sys; from metaopt.runfiles import RunFiles; f = RunFiles(sys.argv[1]); "
+                               "f.lock(); print('held', flush=True); sys.stdin.read()", str(tmp_path)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunDirInUse, match=r"^hydra.run.dir: .* is in use by another run \(pid \d+ on "):
+            train(make_cfg("task=rosenbrock"), run_dir=tmp_path)
+        assert (tmp_path / "summary.json").read_text() == '{"status": "running"}\n'
+        assert not (tmp_path / "metrics.jsonl").exists()
+    finally:
+        holder.communicate("", timeout=30)
+    # The lock goes with its process: the dir is usable again.
+    assert math.isfinite(train(make_cfg("task=rosenbrock"), run_dir=tmp_path))
+
+
 def test_a_run_that_failed_on_its_config_can_be_rerun_in_its_dir_once_fixed(make_cfg, tmp_path):
     with pytest.raises(ConfigError):
         train(make_cfg("task=rosenbrock", "trainer.steps=20", "optimizer.lr=-1"), run_dir=tmp_path)
