@@ -48,6 +48,12 @@ class WandbLogger(Logger):
     def __init__(self, mode: str = "offline", project: str = "metaopt", entity: str | None = None,
                  group: str | None = None, tags: list[str] | tuple[str, ...] = (), notes: str | None = None,
                  init_timeout: float = 60.0):
+        # wandb's own aliases of the two modes, so that WANDB_MODE (the default of logger.mode) may use them.
+        mode = {"dryrun": "offline", "run": "online"}.get(str(mode), mode)
+        if mode not in WANDB_MODES:  # a typo is bad input (exit 2), not a logger failure to train through
+            from metaopt.errors import ConfigError
+
+            raise ConfigError(f"logger.mode: {mode!r} is not one of {', '.join(WANDB_MODES)}")
         self.mode = mode
         self.project = project
         self.entity = entity
@@ -58,8 +64,6 @@ class WandbLogger(Logger):
         self._run = None
 
     def start(self, *, run_dir, config, run_id, name, group) -> None:
-        if self.mode not in WANDB_MODES:
-            raise ValueError(f"logger.mode: {self.mode!r} is not one of {', '.join(WANDB_MODES)}")
         os.environ.pop("WANDB_SERVICE", None)
         import wandb
 

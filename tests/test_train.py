@@ -314,13 +314,37 @@ def test_wandb_offline_run_lands_in_run_dir(make_cfg, tmp_path):
     assert runs[0].name.endswith(run_id)
 
 
-def test_failing_logger_warns_once_and_training_continues(make_cfg, tmp_path, caplog):
+def test_failing_logger_warns_once_and_training_continues(make_cfg, tmp_path, caplog, monkeypatch):
+    import wandb
+
+    def broken_init(**kwargs):
+        raise RuntimeError("wandb is broken")
+
+    monkeypatch.setattr(wandb, "init", broken_init)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # one log line, not a Python warning on top of it
-        value = train(make_cfg("task=rosenbrock", "logger=wandb", "logger.mode=bogus"), run_dir=tmp_path)
+        value = train(make_cfg("task=rosenbrock", "logger=wandb"), run_dir=tmp_path)
     assert math.isfinite(value)
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "completed"
     assert len([r for r in caplog.records if "continuing without this logger" in r.message]) == 1
+
+
+def test_a_misspelled_logger_mode_is_a_config_error_naming_the_modes(make_cfg, tmp_path):
+    with pytest.raises(ConfigError, match=r"^logger.mode: 'ofline' is not one of offline, online, disabled"):
+        train(make_cfg("task=rosenbrock", "logger=wandb", "logger.mode=ofline"), run_dir=tmp_path)
+
+
+@pytest.mark.parametrize("env,expected", [(None, "offline"), ("disabled", "disabled"), ("dryrun", "offline")])
+def test_logger_mode_defaults_to_wandb_mode_then_offline(make_cfg, monkeypatch, env, expected):
+    from hydra.utils import instantiate
+
+    if env is None:
+        monkeypatch.delenv("WANDB_MODE", raising=False)
+    else:
+        monkeypatch.setenv("WANDB_MODE", env)
+    assert instantiate(make_cfg("logger=wandb").logger).mode == expected
+    monkeypatch.setenv("WANDB_MODE", "online")
+    assert instantiate(make_cfg("logger=wandb", "logger.mode=offline").logger).mode == "offline"
 
 
 def test_a_requeue_during_a_logger_call_is_not_swallowed():
