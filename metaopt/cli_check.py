@@ -229,6 +229,12 @@ def check_keys(argv: list[str]) -> str | None:
                 cfg = compose("config", overrides=list(combination), return_hydra_config=True)
                 picked = cfg.hydra.runtime.choices
                 for key in keys:
+                    group = key.split(".", 1)[0]
+                    if "." in key and group in picked and cfg.get(group) is None:
+                        # e.g. meta.steps=5 with meta=none: Hydra's advice (+meta.steps) fails next.
+                        names = [o for o in options(group) if o != str(picked[group])]
+                        return (f"{key}: {group} is {picked[group]} here ({group}={picked[group]}), so it has no "
+                                f"keys; pick one first with {group}=<name>: {', '.join(names)}")
                     missing = _missing_key(cfg, key)
                     if missing is not None:
                         path, parent, names = missing

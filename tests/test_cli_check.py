@@ -100,6 +100,9 @@ def test_importing_it_imports_neither_torch_nor_hydra():
     # A nested key names the option of the group it lies under.
     (["-m", "meta=pes,es", "optimizer=learned_rnn", "task=linreg", "meta.estimator.stagger=false"],
      "meta.estimator.stagger: no such key; keys of meta.estimator (meta=es): _target_, sigma"),
+    # A key of a group left at none names the options to pick first.
+    (["meta.steps=5"], "meta.steps: meta is none here (meta=none), so it has no keys; pick one first with "
+                       "meta=<name>: es, full_bptt, pes, truncated_bptt"),
     # A misspelled group is pointed at the group, with no advice to add the typo as a key.
     (["experimnt=greedy_mnist1d"], "experimnt: no such key (did you mean the group 'experiment'?); top-level keys: "),
     (["-m", "tasks=two_moons,linreg"], "tasks: no such key (did you mean the group 'task'?); "),
@@ -109,7 +112,7 @@ def test_misspelled_key_is_one_line_naming_the_closest_key_and_the_keys(argv, st
     assert message is not None and "\n" not in message
     assert message.startswith(start), message
     # "+key=... adds one" only when nothing close was found: after a typo it would run a junk key.
-    assert message.endswith("=... adds one") == ("did you mean" not in message)
+    assert message.endswith("=... adds one") == ("did you mean" not in message and "pick one" not in message)
     if "experimnt" in argv[0]:
         assert message.endswith("groups: analysis, experiment, logger, meta, optimizer, pal_compare, scheduler, task")
 
