@@ -21,6 +21,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -72,6 +73,8 @@ class ClusterJob(Callback):
         # sbatch hands the submitting environment to the jobs; a W&B service address in it belongs
         # to whatever process started this one and is no use (or harm) to a job.
         os.environ.pop("WANDB_SERVICE", None)
+        if "SlurmLauncher" in str(OmegaConf.select(config, "hydra.launcher._target_", default="")):
+            _require_slurm()
         timeout_min = OmegaConf.select(config, "hydra.launcher.timeout_min", default=None)
         delay = OmegaConf.select(config, "hydra.launcher.signal_delay_s", default=None)
         if timeout_min is not None and delay is not None and delay + 30 >= 60 * timeout_min:
@@ -91,6 +94,27 @@ class ClusterJob(Callback):
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         preemption.job_done()
+
+
+def _require_slurm() -> None:
+    """Exit with one line (status 2) when no SLURM controller answers, before anything is written.
+
+    Otherwise submitit's sbatch failure ends the sweep in a 40-line traceback, with every job left
+    ``pending`` in a manifest although nothing was submitted. Runs before the manifest callback.
+    """
+    try:
+        probe = subprocess.run(["sinfo", "--noheader", "--format=%P"], capture_output=True, text=True, timeout=30)
+        problem = None if probe.returncode == 0 else (probe.stderr.strip().splitlines() or ["exit status "
+                                                                                          f"{probe.returncode}"])[-1]
+    except FileNotFoundError:
+        problem = "sinfo is not installed"
+    except subprocess.TimeoutExpired:
+        problem = "sinfo did not answer in 30 s"
+    if problem is not None:
+        print(f"metaopt: error: hydra/launcher=slurm: no SLURM cluster answers here ({problem}); "
+              "start one (launch/slurm-up.sh on a single machine) or run the sweep with "
+              "hydra/launcher=local", file=sys.stderr)
+        sys.exit(2)
 
 
 class SweepManifest(Callback):

@@ -134,3 +134,24 @@ def test_ctrl_c_in_a_sweep_checkpoints_and_records_the_job_as_interrupted(tmp_pa
     manifest = json.loads((sweep / "manifest.json").read_text())
     assert [job["status"] for job in manifest["jobs"]] == ["interrupted", "pending"]
     assert (sweep / "0" / "checkpoint.pt").exists() and not (sweep / "1").exists()
+
+
+def test_a_slurm_sweep_without_a_cluster_is_one_line_and_writes_nothing(tmp_path, data_dir):
+    """submitit's sbatch failure was a 40-line traceback and left every job 'pending' in a manifest."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sinfo").write_text("#!/bin/sh\necho 'sinfo: fatal: Could not establish a configuration source' >&2\n"
+                                   "exit 1\n")
+    (bin_dir / "sinfo").chmod(0o755)
+    env = {**os.environ, "WANDB_MODE": "offline", "METAOPT_DATA_DIR": data_dir,
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run([sys.executable, "-m", "metaopt", "-m", "hydra/launcher=slurm", "optimizer=adam,sgd",
+                           f"hydra.sweep.dir={sweep}"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        "metaopt: error: hydra/launcher=slurm: no SLURM cluster answers here (sinfo: fatal: Could not establish a "
+        "configuration source); start one (launch/slurm-up.sh on a single machine) or run the sweep with "
+        "hydra/launcher=local"]
+    assert not sweep.exists()
