@@ -283,6 +283,11 @@ def test_cli_without_runs(tmp_path, capsys):
     assert "no run directories" in capsys.readouterr().err
 
 
+def test_cli_with_a_path_that_does_not_exist_says_so(tmp_path, capsys):
+    assert main([str(tmp_path / "typo")]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"{tmp_path / 'typo'}: no such directory")
+
+
 def test_wandb_failure_is_a_warning(fake_sweeps, monkeypatch):
     import sys
 

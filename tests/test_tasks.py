@@ -380,3 +380,12 @@ def test_mnist1d_corrupt_cache_is_regenerated(tmp_path):
     data = mnist1d_data.load_mnist1d(tmp_path, {"num_samples": 200})
     assert data["x"].shape == (160, 40)
     assert torch.equal(torch.load(path, weights_only=True)["x"], data["x"])
+
+
+def test_an_unwritable_mnist1d_cache_dir_is_a_config_error_naming_the_key(tmp_path):
+    from metaopt.errors import ConfigError
+
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ConfigError, match=r"^task.data_dir: cannot write the MNIST-1D cache under .*afile/sub.*"
+                                          r"set paths.data_dir \(or METAOPT_DATA_DIR\)"):
+        mnist1d_data.load_mnist1d(tmp_path / "afile" / "sub", {"num_samples": 200})

@@ -82,5 +82,12 @@ def load_mnist1d(
         except Exception:  # a corrupt or foreign cache file is regenerated, not fatal
             pass
     data = _generate(args)
-    atomic_write_bytes(path, lambda fh: torch.save(data, fh))
+    try:
+        atomic_write_bytes(path, lambda fh: torch.save(data, fh))
+    except OSError as exc:
+        from metaopt.errors import ConfigError
+
+        raise ConfigError(f"task.data_dir: cannot write the MNIST-1D cache under {data_dir} "
+                          f"({exc.strerror or exc}); set paths.data_dir (or METAOPT_DATA_DIR) to a writable "
+                          "directory") from exc
     return data

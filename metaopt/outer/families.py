@@ -223,7 +223,9 @@ class FunctionFamily(TaskFamily):
             moved = self.loss(probe, {})
         if not torch.allclose(ref[0], other):
             raise ConfigError(f"task: {name} draws a different loss function per seed, which FunctionFamily cannot "
-                              "batch (it shares one function across draws)")
+                              "batch (it shares one function across draws); meta-train on a supervised task or "
+                              "a fixed function, e.g. task=linreg, two_moons, mnist1d or rosenbrock "
+                              "(experiment=lopt_*)")
         if not torch.allclose(ref, moved):
             raise ConfigError(f"task: {name} changes its loss as training advances (a moving optimum); "
                               "meta-training needs a stationary task (e.g. task.noise=0)")

@@ -42,6 +42,9 @@ def build_report(sweep_dirs: list[str | os.PathLike], out: str | os.PathLike | N
                  command: str | None = None) -> Report:
     from metaopt.report import plots, render  # matplotlib only when a report is made
 
+    absent = [str(d) for d in sweep_dirs if not Path(d).exists()]
+    if absent:
+        raise FileNotFoundError(f"{', '.join(absent)}: no such directory")
     sweep = load_sweeps(sweep_dirs)
     if not sweep.runs:
         raise FileNotFoundError("no run directories (summary.json, metrics.jsonl or .hydra/config.yaml) under "
