@@ -12,12 +12,13 @@ set -euo pipefail
 
 ACCOUNT="${ACCOUNT:?set ACCOUNT to your SLURM account (sacctmgr show assoc user=\$USER)}"
 PARTITION="${PARTITION:?set PARTITION (sinfo -s lists them)}"
-SWEEP_DIR="${SWEEP_DIR:-outputs/multirun/$(date +%Y-%m-%d)/$(date +%H-%M-%S)}"
+SWEEP_DIR="${SWEEP_DIR:-outputs/multirun/$(date +%Y-%m-%d)/$(date +%H-%M-%S-%6N)}"
 
 # Datasets are cached under METAOPT_DATA_DIR: put it on storage every node sees.
 export METAOPT_DATA_DIR="${METAOPT_DATA_DIR:-$HOME/.cache/metaopt}"
 # W&B offline: each job writes its run under <run dir>/wandb; upload later with `wandb sync`.
-# For live runs set WANDB_MODE=online (compute nodes need network access and `wandb login`).
+# For live runs set WANDB_MODE=online, or pass logger.mode=online as an override (it wins over
+# WANDB_MODE); compute nodes need network access and `wandb login`.
 export WANDB_MODE="${WANDB_MODE:-offline}"
 
 status=0  # a sweep with failed jobs exits 1 after listing them; collect.py still shows every job
