@@ -77,7 +77,7 @@ def plan(tasks: Mapping[str, Any], optimizers: Mapping[str, Any], selected: Mapp
             raise ConfigError(f"hydra.sweeper.optimizers.{name}: unknown key(s) {sorted(unknown)}; valid: grid, requires")
         module = entry.get("requires")
         if module and importlib.util.find_spec(module) is None:
-            skipped.append(f"{name} (needs {module}: pip install 'metaopt[peers]')")
+            skipped.append(f"{name} (needs {module}: pip install -e '.[peers]' in the metaopt checkout)")
             continue
         entries[name] = grid_points(entry.get("grid"))
         sizes[name] = len(entries[name])

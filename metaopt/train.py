@@ -144,8 +144,15 @@ def _build(node: DictConfig, key: str, **kwargs: Any) -> Any:
         missing = _cause_of(cause, ModuleNotFoundError)
         if missing is not None:
             raise ConfigError(f"{key} ({node.get('_target_')}): module {missing.name!r} is not installed (the "
-                              "peer optimizers come with: pip install 'metaopt[peers]')") from exc
-        raise ConfigError(f"{key} ({node.get('_target_')}): {_first_line(cause)}") from exc
+                              "peer optimizers come with the peers extra: pip install -e '.[peers]' in the "
+                              "metaopt checkout)") from exc
+        raise ConfigError(f"{key} ({node.get('_target_')}): {_first_line(cause)}{_type_hint(cause, key)}") from exc
+
+
+def _type_hint(exc: BaseException, key: str) -> str:
+    # A wrong value type surfaces in the constructor's own words ("'float' object is not
+    # subscriptable"): say which values to look at.
+    return f" (a value of the wrong type among {key}.*?)" if _cause_of(exc, TypeError) is not None else ""
 
 
 def _cause_of(exc: BaseException | None, kind: type[BaseException]) -> Any:
@@ -163,7 +170,7 @@ def _call(factory: Callable[..., Any], key: str, target: str, *args: Any) -> Any
     try:
         return factory(*args)
     except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{key} ({target}): {_first_line(exc)}") from exc
+        raise ConfigError(f"{key} ({target}): {_first_line(exc)}{_type_hint(exc, key)}") from exc
 
 
 def build(cfg: DictConfig) -> Components:

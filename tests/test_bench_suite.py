@@ -35,7 +35,7 @@ def test_plan_crosses_tasks_optimizers_and_each_grid_and_skips_missing_peers():
     assert len(jobs) == 2 * 2 * 2
     assert ["task=linreg", "trainer.steps=40", "optimizer=pal", "optimizer.measuring_step=1.0"] in jobs
     assert ["task=two_moons", "optimizer=adam", "optimizer.lr=0.001"] in jobs
-    assert skipped and "absent_peer" in skipped[0] and "metaopt[peers]" in skipped[0]
+    assert skipped and "absent_peer" in skipped[0] and "pip install -e '.[peers]'" in skipped[0]
 
 
 def test_plan_refuses_unequal_tuning_budgets():

@@ -329,6 +329,12 @@ def test_failing_logger_warns_once_and_training_continues(make_cfg, tmp_path, ca
     assert len([r for r in caplog.records if "continuing without this logger" in r.message]) == 1
 
 
+def test_a_value_of_the_wrong_type_points_at_the_groups_values(make_cfg, tmp_path):
+    with pytest.raises(ConfigError, match=r"^optimizer \(torch.optim.Adam\): .*subscriptable \(a value of the "
+                                          r"wrong type among optimizer\.\*\?\)$"):
+        train(make_cfg("task=rosenbrock", "optimizer.betas=0.9"), run_dir=tmp_path)
+
+
 def test_a_misspelled_logger_mode_is_a_config_error_naming_the_modes(make_cfg, tmp_path):
     with pytest.raises(ConfigError, match=r"^logger.mode: 'ofline' is not one of offline, online, disabled"):
         train(make_cfg("task=rosenbrock", "logger=wandb", "logger.mode=ofline"), run_dir=tmp_path)
