@@ -23,7 +23,7 @@ METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 CHECKPOINT = "checkpoint.pt"
 RUN_ID = "run_id.txt"
-# Held (flock) by the live run of a directory, with its pid@host inside.
+# Held (flock) by the live run of a directory; it names that run's pid and host.
 LOCK = ".lock"
 
 
