@@ -110,6 +110,16 @@ def test_function_family_random_starts_and_refusals():
         build_family(lambda s: Rosenbrock(seed=s), init_box=[1, 0])
 
 
+
+def test_a_function_family_whose_draws_are_one_problem_is_warned_about(caplog):
+    # Rosenbrock ignores its seed: without a box every draw, held-out ones included, is one problem.
+    build_family(lambda s: Rosenbrock(seed=s))
+    assert any("starts every draw at the same point" in r.message for r in caplog.records)
+    caplog.clear()
+    build_family(lambda s: Rosenbrock(seed=s), init_box=[-2, 2])
+    assert not any("same point" in r.message for r in caplog.records)
+
+
 @pytest.mark.parametrize("batch_size", [None, 4])
 def test_batched_unroll_over_tasks_equals_a_python_loop(batch_size):
     family = build_family(lambda s: tiny_linreg(s, batch_size))
@@ -199,6 +209,29 @@ def test_pes_is_unbiased_across_truncations_and_truncated_bptt_is_not(exact_grad
     assert cosine(pes.mean(0), exact) > 0.9
     # Truncated BPTT has no sampling error here, yet misses by far more than PES's sampling error.
     assert tbptt_error > 0.2 and tbptt_error > 2 * pes_error
+
+
+def test_staggered_pes_stays_unbiased_across_inner_runs_and_their_resets(exact_gradient):
+    """Staggered restarts, three inner runs per slot: a pair that finishes is replaced (ξ zeroed, its
+    state rebuilt from the perturbed φ). Steady-state truncation estimates (meta-steps 4..11) average
+    to the exact gradient (mean squared z 1.3); building the new pair's state from the unperturbed φ
+    biases the h0 block and reads 5.1, which this catches and the single-run test above does not."""
+    exact, _ = exact_gradient
+    steps, warm = 4 * HORIZON // UNROLL, HORIZON // UNROLL
+    estimates = []
+    for rep in range(16):
+        ctx = bowl_context(256, UNROLL, 500 + rep)
+        pes = PES(sigma=0.01, stagger=True)
+        state, total = pes.init_state(ctx), 0
+        for step in range(steps):
+            g, _, state = pes.estimate(ctx, state, step)
+            if step >= warm:
+                total = total + flat(g)
+        estimates.append(total / (steps - warm))
+    estimates = torch.stack(estimates)
+    z = _z_statistic(estimates, exact)
+    print(f"staggered PES vs exact: cosine {cosine(estimates.mean(0), exact):.4f}, mean squared z {z:.3f}")
+    assert z < 2.0 and cosine(estimates.mean(0), exact) > 0.97
 
 
 def test_truncated_bptt_with_one_truncation_is_full_bptt(exact_gradient):

@@ -212,8 +212,9 @@ class PES(GradientEstimator):
     at every truncation τ, and the sum ξ = Σ_{τ' ≤ τ} ε_τ' since the run started. The estimate
     from truncation τ is ĝ = 1/(2σB) Σ_b ξ_b (M⁺_b − M⁻_b), M± the pair's mean normalised loss over
     the truncation. Because ξ carries the perturbations that shaped the state the truncation
-    starts from, the sum of a run's truncation estimates is unbiased for the gradient of its whole
-    (smoothed) meta-objective, which truncated BPTT is not.
+    starts from, the average of a run's truncation estimates is unbiased for the gradient of its
+    whole (smoothed) meta-objective, the mean over the run (each truncation estimates the gradient
+    of its own K-step mean), which truncated BPTT is not.
 
     Args:
       sigma: perturbation scale σ.

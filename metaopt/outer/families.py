@@ -16,6 +16,7 @@ of its parameters (Rosenbrock). A task that fits neither is refused with the rea
 from __future__ import annotations
 
 import abc
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,6 +28,8 @@ from metaopt.errors import ConfigError
 from metaopt.tasks._common import generator
 from metaopt.tasks.base import Task
 from metaopt.tasks.supervised import SupervisedTask
+
+log = logging.getLogger("metaopt")
 
 TaskFactory = Callable[[int], Task]
 Data = dict[str, Tensor]
@@ -210,6 +213,12 @@ class FunctionFamily(TaskFamily):
 
         self._loss = vmap(one)
         self._check(make_task, template)
+        if self.init_box is None and torch.equal(*self.sample([0, 1])[0]):
+            # Every draw is one problem, so the held-out evaluation reruns the training task. That
+            # may be meant (one fixed function, as in tests of estimators), so a warning, not an error.
+            log.warning("meta.family.init_box is null and %s starts every draw at the same point: meta-training "
+                        "and its held-out evaluation see one problem; meta.family.init_box=[low,high] draws "
+                        "random starts (experiment=lopt_rosenbrock uses [-2.0,2.0])", type(template).__name__)
 
     def _check(self, make_task: TaskFactory, template: Task) -> None:
         name = type(template).__name__
