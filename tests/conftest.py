@@ -129,3 +129,20 @@ def sigint_as_on_a_terminal() -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture
+def resumed_from(caplog) -> Callable[[], list[int]]:
+    """The steps (meta-steps) that reruns logged resuming from, in order: a rerun that trained from
+    scratch writes the same metrics as a resumed one (batches depend on seed and step only), so the
+    equality tests alone cannot tell a resume happened."""
+    import logging
+    import re
+
+    caplog.set_level(logging.INFO, logger="metaopt")
+
+    def steps() -> list[int]:
+        return [int(m.group(1)) for r in caplog.records
+                if (m := re.search(r"^resuming .* from (?:meta-)?step (\d+)$", r.getMessage()))]
+
+    return steps

@@ -321,7 +321,7 @@ class Interrupt(Exception):
 
 @pytest.mark.parametrize("meta", ["pes", "truncated_bptt", "es"])
 def test_interrupted_meta_training_resumes_to_the_same_result(make_cfg, tmp_path, monkeypatch, meta,
-                                                               default_signals):
+                                                               default_signals, resumed_from):
     overrides = (f"meta={meta}", "meta.steps=8", "meta.checkpoint_every=3", "meta.eval_every=4",
                  "meta.eval_tasks=4", "meta.log_every=1", *([] if meta == "es" else ["meta.unroll=5"]))
     with_baseline = {"adam": {"_target_": "metaopt.outer.Adam", "num_lrs": 2}}
@@ -356,6 +356,8 @@ def test_interrupted_meta_training_resumes_to_the_same_result(make_cfg, tmp_path
         assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["loop"]["step"] == 6
     monkeypatch.setattr(trainer_module.Progress, "update", real_update)
     train(cut, run_dir=tmp_path / "cut")
+    # pes checkpoints where Ctrl-C came (6); the crashes resume from the periodic checkpoint (3).
+    assert resumed_from() == [6 if graceful else 3]
 
     timing = {"time", "meta/step_time"}
     full, resumed = ([{k: v for k, v in r.items() if k not in timing} for r in read_jsonl(tmp_path / d / "metrics.jsonl")]

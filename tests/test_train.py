@@ -60,7 +60,7 @@ class Interrupt(Exception):
 
 
 @pytest.mark.parametrize("task", ["mnist1d", "quadratic"])
-def test_interrupted_then_resumed_equals_uninterrupted(make_cfg, tmp_path, monkeypatch, task):
+def test_interrupted_then_resumed_equals_uninterrupted(make_cfg, tmp_path, monkeypatch, task, resumed_from):
     overrides = (f"task={task}", "trainer.steps=30", "trainer.checkpoint_every=10", "trainer.log_every=3",
                  "scheduler=cosine")
     cfg = make_cfg(*overrides)
@@ -80,6 +80,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(make_cfg, tmp_path, monke
     assert max(r["step"] for r in read_jsonl(tmp_path / "cut" / "metrics.jsonl")) >= 17
     monkeypatch.setattr(train_module.Progress, "update", real_update)
     value = train(make_cfg(*overrides), run_dir=tmp_path / "cut")
+    assert resumed_from() == [10]  # the last periodic checkpoint before step 17
 
     full = json.loads((tmp_path / "full" / "summary.json").read_text())
     cut = json.loads((tmp_path / "cut" / "summary.json").read_text())
@@ -91,7 +92,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(make_cfg, tmp_path, monke
 
 @pytest.mark.parametrize("signals", [["SIGINT"], ["SIGINT", "SIGINT"], ["SIGTERM"]])
 def test_ctrl_c_checkpoints_at_the_next_step_and_the_rerun_resumes(make_cfg, tmp_path, monkeypatch, signals,
-                                                                   default_signals):
+                                                                   default_signals, resumed_from):
     overrides = ("task=quadratic", "trainer.steps=30", "trainer.checkpoint_every=10", "trainer.log_every=3",
                  "scheduler=cosine")
     train(make_cfg(*overrides), run_dir=tmp_path / "full")
@@ -122,6 +123,7 @@ def test_ctrl_c_checkpoints_at_the_next_step_and_the_rerun_resumes(make_cfg, tmp
         assert ("Ctrl-C" if signals == ["SIGINT"] else "SIGTERM") in summary["error"]
     monkeypatch.setattr(train_module.Progress, "update", real_update)
     value = train(make_cfg(*overrides), run_dir=tmp_path / "cut")
+    assert resumed_from() == [16 if presses == 1 else 10]
     full = json.loads((tmp_path / "full" / "summary.json").read_text())
     assert value == full["objective"]
     assert without_timing(read_jsonl(tmp_path / "cut" / "metrics.jsonl")) == \

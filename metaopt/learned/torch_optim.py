@@ -74,6 +74,20 @@ class Learned(torch.optim.Optimizer):
         self._phi = lopt.meta_params()
         self._last: dict[str, Tensor] = {}
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # Groups may differ in lr only (the learned optimizer is one for all); torch checks nothing.
+        from metaopt.optim.utils import rejected_group_removed  # metaopt.optim imports this module
+
+        with rejected_group_removed(self):
+            super().add_param_group(param_group)
+            group = self.param_groups[-1]
+            extra = sorted(set(group) - {"params", "lr"})
+            if extra:
+                raise ValueError(f"Invalid param group keys {extra}: Learned's groups take only 'lr'")
+            lr = group["lr"]
+            if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not lr >= 0.0:
+                raise ValueError(f"Invalid learning rate: {lr!r} (must be a number >= 0)")
+
     @staticmethod
     def _load(lopt: LearnedOptimizer | None, checkpoint: str | os.PathLike) -> LearnedOptimizer:
         try:
