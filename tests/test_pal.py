@@ -115,6 +115,18 @@ def test_parabola_one_step_lands_on_minimum():
     assert diag["num_parabola"] == 1 and diag["num_steps"] == 1
 
 
+@pytest.mark.parametrize("update_factor,measuring_step", [(0.5, 1.0), (1.6, 0.3)])
+def test_parabola_step_is_the_update_factor_times_the_minimum(update_factor, measuring_step):
+    """From 2, the parabola 1.5(t − 0.5)² + 3 has its minimum 1.5 away: the step is update_factor × 1.5,
+    whatever the measuring step (the loss is exactly a parabola)."""
+    theta = nn.Parameter(torch.tensor([2.0], dtype=torch.float64))
+    opt = PAL([theta], update_factor=update_factor, measuring_step=measuring_step, direction_decay=0.0,
+              max_step=10.0)
+    opt.step(scalar_closure(opt, theta, lambda t: 1.5 * ((t - 0.5) ** 2).sum() + 3.0))
+    assert theta.item() == pytest.approx(2.0 - update_factor * 1.5, abs=1e-9)
+    assert opt.diagnostics()["step"] == pytest.approx(update_factor * 1.5)
+
+
 def test_parabola_step_is_capped_by_max_step():
     theta = nn.Parameter(torch.tensor([10.0], dtype=torch.float64))
     opt = PAL([theta], update_factor=1.0, direction_decay=0.0, max_step=2.0)
