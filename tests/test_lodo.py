@@ -364,6 +364,34 @@ def test_hessian_callback_estimates_from_hvps_and_skips_other_optimizers(make_cf
     assert "hessian_error" not in records
 
 
+def test_hessian_callbacks_hvp_is_the_minibatch_losss_hessian(make_cfg):
+    """The callback's Hessian-vector products against autograd's dense Hessian of the same minibatch
+    loss (the test above only sees a positive finite error, which an identity HVP also gives)."""
+    from torch.func import functional_call
+
+    from metaopt.optim._lodo_analysis import LODOHessianError
+    from metaopt.train import build
+
+    torch.manual_seed(0)
+    c = build(make_cfg("task=two_moons", "task.hidden=[6]", "optimizer=lodo"))
+    batch = c.task.batch(0)
+    params = [p for group in c.optimizer.param_groups for p in group["params"]]
+    names = [name for name, _ in c.model.named_parameters()]
+    shapes = [p.shape for p in params]
+    flat0 = torch.cat([p.detach().reshape(-1) for p in params]).double()
+
+    def loss_of(flat):
+        chunks = torch.split(flat.float(), [s.numel() for s in shapes])
+        weights = {n: t.reshape(s) for n, t, s in zip(names, chunks, shapes)}
+        x, y = batch
+        return c.task.criterion(functional_call(c.model, weights, (x,)), y).double()
+
+    dense = torch.autograd.functional.hessian(loss_of, flat0)
+    probes = torch.randn(3, flat0.numel(), generator=torch.Generator().manual_seed(1))
+    hvps = LODOHessianError._loss_hvp(batch, c)(probes)
+    torch.testing.assert_close(hvps.double(), probes.double() @ dense.T, rtol=1e-3, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["lodo_noisy_quadratic", "lodo_rosenbrock"])
 def test_experiments_compose_and_run_tiny(make_cfg, tmp_path, name):
     cfg = make_cfg(f"experiment={name}", "trainer.steps=20", "trainer.eval_every=10",
