@@ -131,7 +131,7 @@ def test_schedule_free_is_evaluated_at_its_average(make_cfg, tmp_path):
 def test_missing_optimizer_package_is_one_line_naming_the_extra(make_cfg, tmp_path):
     cfg = make_cfg("task=rosenbrock", "optimizer._target_=no_such_package_xyz.Opt")
     with pytest.raises(ConfigError, match=r"optimizer \(no_such_package_xyz.Opt\): module 'no_such_package_xyz' "
-                                          r"is not installed.*metaopt\[peers\]"):
+                                          r"is not installed.*pip install -e '\.\[peers\]' in the metaopt checkout"):
         train(cfg, run_dir=tmp_path)
 
 
