@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import itertools
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from metaopt.config import config_dir
@@ -141,7 +142,7 @@ def _missing_key(cfg: Any, key: str) -> tuple[str, str, list[str]] | None:
 
 
 def unknown_key(key: str, missing: str, parent: str, keys: list[str], choice: str | None,
-                groups: list[str] = ()) -> str:
+                groups: Sequence[str] = ()) -> str:
     """``key: no such key (did you mean 'x'?); keys of parent: a, b, ...``, one line.
 
     A top-level name is also matched against the config groups (``experimnt=...`` means

@@ -16,6 +16,11 @@ from metaopt.learned.base import LearnedOptimizer, load_into, load_lopt
 log = logging.getLogger("metaopt")
 
 
+def _check_lr(lr: Any) -> None:
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not lr >= 0.0:
+        raise ValueError(f"Invalid learning rate: {lr!r} (must be a number >= 0)")
+
+
 class Learned(torch.optim.Optimizer):
     r"""Train any model with a (meta-trained) learned optimizer, in place of ``torch.optim.Adam``.
 
@@ -52,8 +57,7 @@ class Learned(torch.optim.Optimizer):
         checkpoint: str | os.PathLike | None = None,
         lr: float = 1.0,
     ):
-        if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not lr >= 0.0:
-            raise ValueError(f"Invalid learning rate: {lr!r} (must be a number >= 0)")
+        _check_lr(lr)
         if lopt is not None and not isinstance(lopt, LearnedOptimizer):
             raise ValueError(f"Invalid lopt: expected a metaopt.learned.LearnedOptimizer, got {type(lopt).__name__}")
         if checkpoint is not None:
@@ -84,9 +88,7 @@ class Learned(torch.optim.Optimizer):
             extra = sorted(set(group) - {"params", "lr"})
             if extra:
                 raise ValueError(f"Invalid param group keys {extra}: Learned's groups take only 'lr'")
-            lr = group["lr"]
-            if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not lr >= 0.0:
-                raise ValueError(f"Invalid learning rate: {lr!r} (must be a number >= 0)")
+            _check_lr(group["lr"])
 
     @staticmethod
     def _load(lopt: LearnedOptimizer | None, checkpoint: str | os.PathLike) -> LearnedOptimizer:
