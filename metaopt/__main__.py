@@ -28,24 +28,24 @@ def _hydra_main(cfg: DictConfig) -> float:
 
             job_interrupted(HydraConfig.get())
         raise
-    except MetaoptError as exc:
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            # A config error is this job's result, not a crash: recorded as failed (summary.json,
-            # then manifest.json) and listed when the sweep ends, without Hydra's traceback.
-            logging.getLogger("metaopt").error("job failed: %s", exc)
-            _record_failure(HydraConfig.get().runtime.output_dir, exc)
-            return math.inf
-        _log_to_files(str(exc))
-        print(f"metaopt: error: {exc}", file=sys.stderr)
-        sys.exit(2)
     except Exception as exc:
+        config_error = isinstance(exc, MetaoptError)
         if HydraConfig.get().mode != RunMode.MULTIRUN:
-            raise
-        # A crash ends this job, not the sweep: its traceback goes to the job's log (and the
-        # terminal), it is listed with the other failures when the sweep ends, and the command
-        # exits 1. Re-raised, Hydra would print only the first crash, after every job had run.
-        # (A SLURM requeue is a SystemExit and passes through.)
-        logging.getLogger("metaopt").exception("job crashed: %s", describe(exc))
+            if not config_error:
+                raise
+            _log_to_files(str(exc))
+            print(f"metaopt: error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        # In a sweep an error ends this job, not the sweep: recorded as failed (summary.json, then
+        # manifest.json) and listed when the sweep ends, and the command exits 1. Re-raised, Hydra
+        # would print only the first one, as a traceback, after every job had run. A config error
+        # is logged as its line, a crash with its traceback (also in the job's metaopt.log). A SLURM
+        # requeue is a SystemExit and passes through.
+        log = logging.getLogger("metaopt")
+        if config_error:
+            log.error("job failed: %s", exc)
+        else:
+            log.exception("job crashed: %s", describe(exc))
         _record_failure(HydraConfig.get().runtime.output_dir, exc)
         return math.inf
 

@@ -219,7 +219,8 @@ def check_keys(argv: list[str]) -> str | None:
             choices.append([arg])
     if not keys:
         return None
-    combinations = list(itertools.product(*choices))
+    # At most one more than the limit is built: a large sweep's product is never materialised.
+    combinations = list(itertools.islice(itertools.product(*choices), _MAX_COMBINATIONS + 1))
     if len(combinations) > _MAX_COMBINATIONS:
         combinations = combinations[:1]  # a key missing from the first job is missing, whatever the rest
     swept = {c[0].lstrip("+").split("=", 1)[0] for c in choices if len(c) > 1}

@@ -104,8 +104,8 @@ def _require_slurm() -> None:
     """
     try:
         probe = subprocess.run(["sinfo", "--noheader", "--format=%P"], capture_output=True, text=True, timeout=30)
-        problem = None if probe.returncode == 0 else (probe.stderr.strip().splitlines() or ["exit status "
-                                                                                          f"{probe.returncode}"])[-1]
+        said = probe.stderr.strip().splitlines()
+        problem = None if probe.returncode == 0 else said[-1] if said else f"exit status {probe.returncode}"
     except FileNotFoundError:
         problem = "sinfo is not installed"
     except subprocess.TimeoutExpired:
